@@ -1,0 +1,146 @@
+"""Inputs for tests and demos: paged batches and MiniMax-M3-like top-k selections.
+
+Everything here is NumPy (the query and cache use ml_dtypes' bfloat16 / float16 / float8
+types), so either front end can take it through `interop.to_torch` / `interop.to_jax`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import ml_dtypes
+import numpy as np
+
+from .metadata import SparseMetadata, build_metadata
+from .spec import SparseAttentionSpec
+
+NUMPY_DTYPES = {
+    "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16),
+    "float8_e4m3fn": np.dtype(ml_dtypes.float8_e4m3fn),
+    "float8_e5m2": np.dtype(ml_dtypes.float8_e5m2),
+}
+
+
+def random_block_table(seq_lens, rng: np.random.Generator, *, block_size: int = 128,
+                       spare_blocks: int = 3, pad_blocks: int = 1):
+    """Distinct shuffled pages for every request; returns (block_table, num_blocks).
+
+    Unused entries of a row hold -1; `spare_blocks` pages stay unused by any request.
+    """
+    seq_lens = np.asarray(seq_lens, np.int64)
+    needed = -(-seq_lens // block_size)
+    num_blocks = int(needed.sum()) + spare_blocks
+    pages = rng.permutation(num_blocks)
+    max_blocks = int(needed.max(initial=0)) + pad_blocks
+    table = np.full((len(seq_lens), max(max_blocks, 1)), -1, np.int32)
+    start = 0
+    for r, n in enumerate(needed):
+        table[r, :n] = pages[start:start + n]
+        start += n
+    return table, num_blocks
+
+
+def make_topk(metadata: SparseMetadata, num_kv_heads: int, topk: int, rng: np.random.Generator,
+              *, block_size: int = 128, scatter: bool = False, future_fraction: float = 0.0,
+              empty_fraction: float = 0.0) -> np.ndarray:
+    """An M3-like selection: [num_kv_heads, num_tokens, topk] int32.
+
+    Each row holds the token's own block, then distinct older blocks at random, padded with -1.
+    scatter: shuffle every row, so sentinels stand anywhere, not only at the end.
+    future_fraction: the share of -1 padding replaced by blocks the token may not see.
+    empty_fraction: the share of rows left with no valid entry at all.
+    """
+    positions = np.asarray(metadata.token_positions, np.int64)
+    num_tokens = positions.shape[0]
+    out = np.full((num_kv_heads, num_tokens, topk), -1, np.int32)
+    for t, p in enumerate(positions):
+        if p < 0:
+            continue
+        own = p // block_size
+        for g in range(num_kv_heads):
+            older = rng.permutation(own)[:topk - 1]
+            row = np.concatenate([[own], older]).astype(np.int32)
+            out[g, t, :row.size] = row
+    if future_fraction:
+        pad = out == -1
+        future = pad & (rng.random(out.shape) < future_fraction)
+        limit = np.where(positions >= 0, positions // block_size + 1, 0)
+        out[future] = (limit[None, :, None] + rng.integers(0, 3, out.shape))[future]
+    if empty_fraction:
+        empty = rng.random(out.shape[:2]) < empty_fraction
+        out[empty] = -1
+    if scatter:
+        for g in range(num_kv_heads):
+            for t in range(num_tokens):
+                out[g, t] = rng.permutation(out[g, t])
+    return out
+
+
+@dataclasses.dataclass
+class Problem:
+    """One random batch: NumPy inputs of every operation, in the spec's physical layout."""
+
+    spec: SparseAttentionSpec
+    query: np.ndarray         # [num_tokens, num_heads, head_size], query dtype
+    key: np.ndarray           # [num_tokens, num_kv_heads, head_size], query dtype (new K)
+    value: np.ndarray         # [num_tokens, num_kv_heads, head_size], query dtype (new V)
+    kv_cache: np.ndarray      # physical cache, storage dtype, holding the context (and new K/V)
+    topk_indices: np.ndarray  # [num_kv_heads, num_tokens, topk] int32
+    metadata: SparseMetadata
+    k_scale: object           # None, a float or [num_kv_heads, num_blocks * block_size] float32
+    v_scale: object
+
+
+def random_problem(spec: SparseAttentionSpec, query_lens, seq_lens, rng: np.random.Generator,
+                   *, decode_query_len: int = 1, query_dtype: str = "bfloat16",
+                   scale_mode: str = "none", num_tokens: int | None = None,
+                   scatter: bool = False, future_fraction: float = 0.0,
+                   empty_fraction: float = 0.0) -> Problem:
+    """A random batch with a filled cache (every slot of every page random, never zeros).
+
+    scale_mode: "none", "scalar" or "per_slot" (FP8 caches; other caches ignore scales).
+    """
+    table, num_blocks = random_block_table(seq_lens, rng, block_size=spec.block_size)
+    md = build_metadata(query_lens, seq_lens, table, decode_query_len=decode_query_len,
+                        block_size=spec.block_size, num_blocks=num_blocks,
+                        num_tokens=num_tokens)
+    n = md.num_tokens
+    qdt = NUMPY_DTYPES[query_dtype]
+    cdt = NUMPY_DTYPES[spec.cache_storage_dtype(query_dtype)]
+    shape = spec.physical_kv_cache_shape(num_blocks)
+    cache = rng.standard_normal(shape).astype(np.float32)
+    if scale_mode == "none":
+        k_scale = v_scale = None
+    elif scale_mode == "scalar":
+        k_scale, v_scale = float(rng.uniform(0.5, 2.0)), float(rng.uniform(0.5, 2.0))
+    elif scale_mode == "per_slot":
+        slots = (spec.num_kv_heads, num_blocks * spec.block_size)
+        k_scale = rng.uniform(0.5, 2.0, slots).astype(np.float32)
+        v_scale = rng.uniform(0.5, 2.0, slots).astype(np.float32)
+    else:
+        raise ValueError(f"scale_mode {scale_mode!r} is unknown; expected 'none', 'scalar' "
+                         "or 'per_slot'")
+    return Problem(
+        spec=spec,
+        query=rng.standard_normal((n, spec.num_heads, spec.head_size)).astype(qdt),
+        key=rng.standard_normal((n, spec.num_kv_heads, spec.head_size)).astype(qdt),
+        value=rng.standard_normal((n, spec.num_kv_heads, spec.head_size)).astype(qdt),
+        kv_cache=cache.astype(cdt),
+        topk_indices=make_topk(md, spec.num_kv_heads, spec.topk_blocks, rng,
+                               block_size=spec.block_size, scatter=scatter,
+                               future_fraction=future_fraction, empty_fraction=empty_fraction),
+        metadata=md,
+        k_scale=k_scale,
+        v_scale=v_scale,
+    )
+
+
+def relative_error(out, ref) -> float:
+    """||out - ref|| / ||ref|| in float64 (NaN anywhere in `out` gives inf)."""
+    from .arrays import to_float64
+    out = to_float64(out)
+    ref = to_float64(ref)
+    if not np.isfinite(out).all():
+        return float("inf")
+    denom = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / (denom if denom > 0 else 1.0))
