@@ -22,16 +22,19 @@ NUMPY_DTYPES = {
 
 
 def random_block_table(seq_lens, rng: np.random.Generator, *, block_size: int = 128,
-                       spare_blocks: int = 3, pad_blocks: int = 1):
+                       spare_blocks: int = 3, max_blocks: int | None = None):
     """Distinct shuffled pages for every request; returns (block_table, num_blocks).
 
-    Unused entries of a row hold -1; `spare_blocks` pages stay unused by any request.
+    Unused entries of a row hold -1; `spare_blocks` pages stay unused by any request. Rows are
+    `max_blocks` wide (default: one more than the longest request needs); fix it to keep the
+    table's shape across batches (a jitted caller then never recompiles).
     """
     seq_lens = np.asarray(seq_lens, np.int64)
     needed = -(-seq_lens // block_size)
     num_blocks = int(needed.sum()) + spare_blocks
     pages = rng.permutation(num_blocks)
-    max_blocks = int(needed.max(initial=0)) + pad_blocks
+    if max_blocks is None:
+        max_blocks = int(needed.max(initial=0)) + 1
     table = np.full((len(seq_lens), max(max_blocks, 1)), -1, np.int32)
     start = 0
     for r, n in enumerate(needed):
@@ -94,13 +97,15 @@ class Problem:
 def random_problem(spec: SparseAttentionSpec, query_lens, seq_lens, rng: np.random.Generator,
                    *, decode_query_len: int = 1, query_dtype: str = "bfloat16",
                    scale_mode: str = "none", num_tokens: int | None = None,
-                   scatter: bool = False, future_fraction: float = 0.0,
-                   empty_fraction: float = 0.0) -> Problem:
+                   max_blocks: int | None = None, scatter: bool = False,
+                   future_fraction: float = 0.0, empty_fraction: float = 0.0) -> Problem:
     """A random batch with a filled cache (every slot of every page random, never zeros).
 
     scale_mode: "none", "scalar" or "per_slot" (FP8 caches; other caches ignore scales).
+    num_tokens / max_blocks: pad the token rows / block-table rows to a fixed size.
     """
-    table, num_blocks = random_block_table(seq_lens, rng, block_size=spec.block_size)
+    table, num_blocks = random_block_table(seq_lens, rng, block_size=spec.block_size,
+                                           max_blocks=max_blocks)
     md = build_metadata(query_lens, seq_lens, table, decode_query_len=decode_query_len,
                         block_size=spec.block_size, num_blocks=num_blocks,
                         num_tokens=num_tokens)
