@@ -1,0 +1,172 @@
+"""The jitted front end: the mixed decode-first batch, and the seed's prefill / decode calls.
+
+Static under `jax.jit`: the spec, the padded sizes (token, request, block-table and cache
+shapes) and the implementation knobs. Traced: every array, the metadata included (a pytree
+whose counts are leaves too), so a new batch of the same padded sizes reuses the compiled code.
+Nothing here reads a traced value on the host.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from interop import CACHE_DTYPES, KV_CACHE_STRIDE_ORDERS, SparseAttentionSpec, SparseMetadata
+
+from .attention import paged_sparse_attention
+from .validation import check_attention_inputs, check_scale
+from .xla import sparse_attention_xla
+
+IMPLEMENTATIONS = ("pallas", "xla")
+_KNOBS = ("implementation", "num_splits", "num_warps", "num_stages")
+
+
+def default_implementation() -> str:
+    """Pallas where it runs (Triton on a GPU, interpret mode on CPU), XLA elsewhere."""
+    return "pallas" if jax.default_backend() in ("gpu", "cpu") else "xla"
+
+
+def _attention(spec, query, kv_cache, topk_indices, token_to_req, token_positions, block_table,
+               k_scale, v_scale, *, implementation, num_splits, num_warps, num_stages):
+    num_blocks = check_attention_inputs(spec, query, kv_cache, topk_indices, token_to_req,
+                                        token_positions, block_table)
+    implementation = implementation or default_implementation()
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation {implementation!r} is unknown; expected one of "
+                         f"{', '.join(map(repr, IMPLEMENTATIONS))}")
+    num_tokens = query.shape[0]
+    i32 = lambda x: x.astype(jnp.int32)  # noqa: E731
+    args = (spec, query, kv_cache, i32(topk_indices), i32(token_to_req[:num_tokens]),
+            i32(token_positions[:num_tokens]), i32(block_table),
+            check_scale("k_scale", k_scale, spec, num_blocks),
+            check_scale("v_scale", v_scale, spec, num_blocks))
+    if implementation == "xla":
+        return sparse_attention_xla(*args)
+    if num_splits is not None and (num_splits < 1 or spec.topk_blocks % num_splits):
+        raise ValueError(f"num_splits {num_splits!r} must be a positive divisor of "
+                         f"topk_blocks ({spec.topk_blocks})")
+    return paged_sparse_attention(*args, num_splits=num_splits, num_warps=num_warps,
+                                  num_stages=num_stages)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", *_KNOBS))
+def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
+                     metadata: SparseMetadata, *, k_scale=None, v_scale=None,
+                     implementation: str | None = None, num_splits: int | None = None,
+                     num_warps: int = 4, num_stages: int = 2):
+    """Block-sparse GQA attention of a decode-first batch (contract, section 2).
+
+    Args:
+      spec: the layer's static facts (a jit static).
+      query: [num_tokens, num_heads, head_size] bfloat16 / float16.
+      kv_cache: the physical cache, spec.physical_kv_cache_shape(num_blocks), in the spec's
+        storage dtype.
+      topk_indices: [num_kv_heads, >= num_tokens, topk_blocks] int, logical blocks per row;
+        invalid entries (negative, future, past the block table) are skipped.
+      metadata: JAX-flavour SparseMetadata (`interop.to_jax`); its token_to_req,
+        token_positions and block_table are read.
+      k_scale / v_scale: FP8 caches only: None, a scalar or [num_kv_heads, num_blocks *
+        block_size] float32 indexed by slot.
+      implementation: "pallas" or "xla"; default: `default_implementation()`.
+      num_splits / num_warps / num_stages: Pallas knobs (splits of each top-k row; default
+        from the static shapes).
+    Returns: [num_tokens, num_heads, head_size] in the query dtype; zeros for tokens with no
+      valid entry and for padding tokens.
+    """
+    return _attention(spec, query, kv_cache, topk_indices, metadata.token_to_req,
+                      metadata.token_positions, metadata.block_table, k_scale, v_scale,
+                      implementation=implementation, num_splits=num_splits,
+                      num_warps=num_warps, num_stages=num_stages)
+
+
+def _seed_spec(q, kv_cache, topk_idx, num_kv_heads: int, sm_scale, layout: str):
+    """The spec the seed's calls imply: shapes from the arrays, the cache dtype from its own."""
+    if q.ndim != 3:
+        raise ValueError(f"q shape {q.shape} must be [num_tokens, num_heads, head_size]")
+    if topk_idx.ndim != 3:
+        raise ValueError(f"topk_idx shape {topk_idx.shape} must be "
+                         "[num_kv_heads, num_tokens, topk]")
+    if layout not in KV_CACHE_STRIDE_ORDERS:
+        raise ValueError(f"kv_cache_layout {layout!r} is unknown; expected one of "
+                         f"{', '.join(map(repr, KV_CACHE_STRIDE_ORDERS))}")
+    if kv_cache.ndim != 5:
+        raise ValueError(f"kv_cache shape {kv_cache.shape} must be the 5-D {layout} physical "
+                         "cache")
+    # The block axis of the physical cache: where the logical axis 2 lands.
+    block_size = kv_cache.shape[KV_CACHE_STRIDE_ORDERS[layout].index(2)]
+    cache_dtype, query_dtype = jnp.dtype(kv_cache.dtype).name, jnp.dtype(q.dtype).name
+    names = [n for n, storage in CACHE_DTYPES.items() if storage == cache_dtype]
+    if cache_dtype != query_dtype and not names:
+        raise ValueError(f"kv_cache dtype {cache_dtype} is not a cache dtype; expected the "
+                         f"query dtype or one of {sorted({s for s in CACHE_DTYPES.values() if s})}")
+    return SparseAttentionSpec(
+        num_heads=q.shape[1], num_kv_heads=num_kv_heads, head_size=q.shape[2],
+        topk_blocks=topk_idx.shape[2], block_size=block_size,
+        kv_cache_dtype="auto" if cache_dtype == query_dtype else names[0],
+        kv_cache_layout=layout, sm_scale=sm_scale)
+
+
+@functools.partial(jax.jit, static_argnames=("num_kv_heads", "sm_scale", "kv_cache_layout",
+                                             *_KNOBS))
+def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq_lens,
+                           prefix_lens, max_query_len, num_kv_heads: int, sm_scale: float,
+                           k_scale=None, v_scale=None, *, kv_cache_layout: str = "NHD",
+                           implementation: str | None = None, num_splits: int | None = None,
+                           num_warps: int = 4, num_stages: int = 2):
+    """The seed's prefill call, returning the output.
+
+    Args:
+      q: [num_tokens, num_heads, head_size]; rows past cu_seqlens_q[-1] are padding (zeros).
+      kv_cache: the physical cache in `kv_cache_layout`; its dtype is the cache dtype.
+      topk_idx: [num_kv_heads, num_tokens, topk] int.
+      block_table: [num_prefills, max_blocks] int.
+      cu_seqlens_q: [num_prefills + 1] int query offsets, rebased to 0.
+      seq_lens / prefix_lens: [num_prefills] int, context + query tokens / context tokens.
+      max_query_len: accepted for drop-in compatibility; the grid runs over tokens and does
+        not need it.
+      num_kv_heads, sm_scale: static.
+    Other arguments as in `sparse_attention`.
+    """
+    spec = _seed_spec(q, kv_cache, topk_idx, num_kv_heads, sm_scale, kv_cache_layout)
+    num_reqs = seq_lens.shape[0]
+    tokens = jnp.arange(q.shape[0], dtype=jnp.int32)
+    starts = cu_seqlens_q.astype(jnp.int32)
+    req = jnp.clip(jnp.searchsorted(starts[1:], tokens, side="right"), 0, num_reqs - 1)
+    positions = prefix_lens[req] + tokens - starts[req]
+    positions = jnp.where((tokens < starts[-1]) & (positions < seq_lens[req]), positions, -1)
+    return _attention(spec, q, kv_cache, topk_idx, req, positions, block_table, k_scale,
+                      v_scale, implementation=implementation, num_splits=num_splits,
+                      num_warps=num_warps, num_stages=num_stages)
+
+
+@functools.partial(jax.jit, static_argnames=("num_kv_heads", "sm_scale", "decode_query_len",
+                                             "kv_cache_layout", *_KNOBS))
+def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens,
+                                  num_kv_heads: int, sm_scale: float, decode_query_len: int,
+                                  k_scale=None, v_scale=None, *, kv_cache_layout: str = "NHD",
+                                  implementation: str | None = None,
+                                  num_splits: int | None = None, num_warps: int = 4,
+                                  num_stages: int = 2):
+    """The seed's decode call, returning the output.
+
+    Args:
+      q: [num_decodes * decode_query_len (+ padding rows), num_heads, head_size]; token t is
+        query j = t % decode_query_len of request t // decode_query_len, at position
+        seq_lens[r] - decode_query_len + j.
+      block_table: [num_decodes, max_blocks] int; seq_lens: [num_decodes] int.
+      num_kv_heads, sm_scale, decode_query_len: static.
+    Other arguments as in `minimax_m3_sparse_attn`.
+    """
+    if not isinstance(decode_query_len, int) or decode_query_len < 1:
+        raise ValueError(f"decode_query_len must be an int >= 1, got {decode_query_len!r}")
+    spec = _seed_spec(q, kv_cache, topk_idx, num_kv_heads, sm_scale, kv_cache_layout)
+    num_reqs = seq_lens.shape[0]
+    tokens = jnp.arange(q.shape[0], dtype=jnp.int32)
+    req = tokens // decode_query_len
+    positions = (seq_lens[jnp.minimum(req, num_reqs - 1)] - decode_query_len
+                 + tokens % decode_query_len)
+    positions = jnp.where(req < num_reqs, positions, -1)
+    return _attention(spec, q, kv_cache, topk_idx, jnp.minimum(req, num_reqs - 1), positions,
+                      block_table, k_scale, v_scale, implementation=implementation,
+                      num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)

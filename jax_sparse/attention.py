@@ -1,0 +1,195 @@
+"""The Pallas kernel family: block-sparse GQA attention over a paged cache, prefill and decode.
+
+One program per (token, KV head, split): the GQA group's query rows (padded to a tile of at
+least 16 for the dot) attend the split's share of the row's top-k blocks, one 128-token page
+per step (`_attend_block`), with an online softmax in fp32 (base 2). Decode and prefill tokens
+are the same work item: a token only needs its request, its position and its top-k row, so a
+mixed batch is one launch. With one split the kernel writes the final output; with more, each
+split writes a partial (output, log2-sum-exp) pair that `_merge_splits` combines.
+
+The paged cache, the block table and the top-k rows are passed whole (no blocking): pages are
+loaded at dynamic offsets inside the kernel. On a GPU this lowers through Pallas' Triton
+backend; elsewhere it runs in interpret mode.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from interop import SparseAttentionSpec
+
+from .selection import LOG2E, MASK_VALUE, key_mask, select_pages
+
+# Grid programs worth filling before splitting the top-k blocks further (about two waves of
+# an H100's 132 SMs).
+TARGET_PROGRAMS = 256
+MIN_ROWS = 16  # tensor-core dots need at least 16 rows: pad the GQA group up to this
+
+
+def group_tile(num_queries_per_kv: int) -> int:
+    """Query rows per program: the GQA group padded to a power of two >= MIN_ROWS."""
+    return max(MIN_ROWS, pl.next_power_of_2(num_queries_per_kv))
+
+
+def default_num_splits(num_tokens: int, num_kv_heads: int, topk_blocks: int) -> int:
+    """Splits of each top-k row, from static shapes only: split until the grid is full,
+    keeping at least two blocks per split and the row evenly divided."""
+    splits = 1
+    while (topk_blocks % (2 * splits) == 0 and topk_blocks // (2 * splits) >= 2
+           and num_tokens * num_kv_heads * splits * 2 <= TARGET_PROGRAMS):
+        splits *= 2
+    return splits
+
+
+def _load_page(cache_ref, page, kv: int, head, layout: str):
+    """[block_size, head_size] of K (kv=0) or V (kv=1) of one KV head from one page."""
+    if layout == "NHD":
+        return cache_ref[page, kv, :, head, :]
+    return cache_ref[page, kv, head, :, :]
+
+
+def _scale(scale_ref, head, slots):
+    """The dequantization scale of a page's keys: [1, block_size] per slot, or one scalar."""
+    if scale_ref.ndim == 2:
+        return scale_ref[head, slots][None, :]
+    return scale_ref[0]
+
+
+def _attend_block(carry, q, page, mask, head, cache_ref, k_scale_ref, v_scale_ref, *,
+                  layout: str, block_size: int, score_scale: float):
+    """One online-softmax step over one selected page: the step prefill and decode share.
+
+    carry: (acc [rows, D] f32, m [rows] f32 running max (base 2), l [rows] f32 running sum).
+    mask: [block_size] keys of this page the token attends (all False for an invalid entry).
+    """
+    acc, m, l = carry
+    k = _load_page(cache_ref, page, 0, head, layout).astype(q.dtype)
+    scores = pl.dot(q, k, trans_b=True)  # [rows, block_size] f32
+    slots = pl.ds(page * block_size, block_size)
+    if k_scale_ref is not None:
+        scores = scores * _scale(k_scale_ref, head, slots)
+    scores = jnp.where(mask[None, :], scores * score_scale, MASK_VALUE)
+    m_new = jnp.maximum(m, scores.max(axis=-1))
+    alpha = jnp.exp2(m - m_new)
+    p = jnp.where(mask[None, :], jnp.exp2(scores - m_new[:, None]), 0.0)
+    l = alpha * l + p.sum(axis=-1)
+    if v_scale_ref is not None:
+        p = p * _scale(v_scale_ref, head, slots)
+    # Keys past the token (or of a masked page) may hold anything, NaN included: zero them.
+    v = jnp.where(mask[:, None], _load_page(cache_ref, page, 1, head, layout).astype(q.dtype), 0)
+    acc = alpha[:, None] * acc + pl.dot(p.astype(q.dtype), v)
+    return acc, m_new, l
+
+
+def _sparse_attention_kernel(q_ref, topk_ref, token_to_req_ref, positions_ref, block_table_ref,
+                             cache_ref, k_scale_ref, v_scale_ref, out_ref, *lse_ref,
+                             layout: str, block_size: int, blocks_per_split: int,
+                             score_scale: float):
+    """q_ref: [rows, D] (one token, one KV group); out_ref: [rows, D]; lse_ref: [rows]."""
+    token, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    num_reqs, max_blocks = block_table_ref.shape
+    num_blocks = cache_ref.shape[0]
+    position = positions_ref[token]
+    req = jnp.clip(token_to_req_ref[token], 0, num_reqs - 1)
+    q = q_ref[...]
+    rows, head_size = q.shape
+    attend = functools.partial(_attend_block, q=q, head=head, cache_ref=cache_ref,
+                               k_scale_ref=k_scale_ref, v_scale_ref=v_scale_ref, layout=layout,
+                               block_size=block_size, score_scale=score_scale)
+
+    def body(i, carry):
+        entry = topk_ref[head, token, split * blocks_per_split + i]
+        valid, block, page = select_pages(
+            entry, position, lambda b: block_table_ref[req, b], block_size=block_size,
+            max_blocks=max_blocks, num_blocks=num_blocks)
+        return attend(carry, page=page, mask=key_mask(valid, block, position, block_size))
+
+    init = (jnp.zeros((rows, head_size), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+            jnp.zeros((rows,), jnp.float32))
+    acc, m, l = lax.fori_loop(0, blocks_per_split, body, init)
+    seen = l > 0.0  # a row with no valid key gives zeros, never NaN
+    out = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
+    out_ref[...] = out.astype(out_ref.dtype)
+    if lse_ref:
+        lse_ref[0][...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+
+def _merge_splits(out, lse):
+    """Combine per-split partials: out [S, ...rows, D] f32, lse [S, ...rows] (base 2)."""
+    peak = lse.max(axis=0)
+    weight = jnp.exp2(lse - jnp.where(jnp.isfinite(peak), peak, 0.0))  # 0 for empty splits
+    total = weight.sum(axis=0)
+    merged = (weight[..., None] * out).sum(axis=0)
+    return jnp.where(total[..., None] > 0, merged / jnp.where(total > 0, total, 1.0)[..., None], 0)
+
+
+def _whole(shape):
+    """A BlockSpec handing every program the whole array (loads happen at dynamic offsets)."""
+    return pl.BlockSpec(shape, lambda *_: (0,) * len(shape))
+
+
+def paged_sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
+                           token_to_req, token_positions, block_table, k_scale=None,
+                           v_scale=None, *, num_splits: int | None = None, num_warps: int = 4,
+                           num_stages: int = 2, interpret: bool | None = None):
+    """Launch the kernel over a decode-first (or any) batch; inputs already validated.
+
+    Args:
+      query: [num_tokens, num_heads, head_size] bfloat16 / float16.
+      kv_cache: the physical cache in spec.kv_cache_layout, the spec's storage dtype.
+      topk_indices: [num_kv_heads, >= num_tokens, topk_blocks] int32.
+      token_to_req / token_positions: [num_tokens] int32 (position -1: padding, zeros out).
+      block_table: [num_reqs, max_blocks] int32.
+      k_scale / v_scale: None, [1] float32 (one scale) or [num_kv_heads, num_blocks *
+        block_size] float32 (per slot); FP8 caches only.
+      num_splits: splits of each top-k row (a divisor of topk_blocks); default from shapes.
+      num_warps / num_stages: Triton launch knobs.
+      interpret: default: interpret everywhere but on a GPU.
+    Returns: [num_tokens, num_heads, head_size] in the query dtype.
+    """
+    num_tokens, num_heads, head_size = query.shape
+    num_kv_heads, topk = spec.num_kv_heads, spec.topk_blocks
+    group = spec.num_queries_per_kv
+    rows = group_tile(group)
+    splits = num_splits or default_num_splits(num_tokens, num_kv_heads, topk)
+    if topk % splits:
+        raise ValueError(f"num_splits ({splits}) must divide topk_blocks ({topk})")
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+
+    q = query.reshape(num_tokens, num_kv_heads, group, head_size)
+    if rows != group:
+        q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    kernel = functools.partial(
+        _sparse_attention_kernel, layout=spec.kv_cache_layout, block_size=spec.block_size,
+        blocks_per_split=topk // splits, score_scale=spec.scale * LOG2E)
+    row_block = (None, None, rows, head_size)
+    if splits == 1:
+        out_shape = [jax.ShapeDtypeStruct(q.shape, query.dtype)]
+        out_specs = [pl.BlockSpec(row_block, lambda t, g, s: (t, g, 0, 0))]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((splits, *q.shape), jnp.float32),
+                     jax.ShapeDtypeStruct((splits, *q.shape[:-1]), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, *row_block), lambda t, g, s: (s, t, g, 0, 0)),
+                     pl.BlockSpec((None, None, None, rows), lambda t, g, s: (s, t, g, 0))]
+    scale_specs = [None if x is None else _whole(x.shape) for x in (k_scale, v_scale)]
+    outs = pl.pallas_call(
+        kernel,
+        grid=(num_tokens, num_kv_heads, splits),
+        in_specs=[pl.BlockSpec(row_block, lambda t, g, s: (t, g, 0, 0)),
+                  _whole(topk_indices.shape), _whole(token_to_req.shape),
+                  _whole(token_positions.shape), _whole(block_table.shape),
+                  _whole(kv_cache.shape), *scale_specs],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"sparse_attention_{spec.kv_cache_layout}_rows{rows}_splits{splits}",
+    )(q, topk_indices, token_to_req, token_positions, block_table, kv_cache, k_scale, v_scale)
+    out = outs[0] if splits == 1 else _merge_splits(*outs).astype(query.dtype)
+    return out[:, :, :group].reshape(num_tokens, num_heads, head_size)
