@@ -1,0 +1,13 @@
+"""PyTorch front end: Triton kernels for MiniMax-M3 block-sparse GQA attention over a paged
+KV cache, registered as torch.library ops, with a pure-PyTorch path for machines without
+Triton. Depends on `interop` (spec, metadata, tables), never on `jax_sparse`."""
+from .backend import MiniMaxM3SparseBackend, MiniMaxM3SparseImpl, MiniMaxM3SparseMetadataBuilder
+from .frontend import (minimax_m3_sparse_attn, minimax_m3_sparse_attn_decode, sparse_attention,
+                       write_kv)
+from .ops import HAS_TRITON, IMPLS, default_impl
+
+__all__ = [
+    "HAS_TRITON", "IMPLS", "MiniMaxM3SparseBackend", "MiniMaxM3SparseImpl",
+    "MiniMaxM3SparseMetadataBuilder", "default_impl", "minimax_m3_sparse_attn",
+    "minimax_m3_sparse_attn_decode", "sparse_attention", "write_kv",
+]

@@ -1,0 +1,239 @@
+"""Block-sparse GQA attention over a paged KV cache: the Triton kernels and their launcher.
+
+One kernel body serves prefill and decode. A program handles one (token, KV head, split):
+it loads the token's whole GQA group of queries (padded to a `tl.dot` tile of >= 16 rows),
+walks its share of the token's top-k row and attends each valid selected block with an online
+softmax in fp32 (base 2). With one split it writes the final output; with several (split-K
+decode) each program writes a partial output and its log-sum-exp, and `_merge_splits_kernel`
+combines them. The split count depends only on shapes, so a CUDA graph can capture a decode.
+
+Safety: a top-k entry is followed only when it is a block the token may see, inside the
+block-table row, and its page lies inside the cache; every other entry is masked (its loads
+are predicated off), whatever value it holds.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Split-K sizing: aim for this many programs, never more splits than this (each split then
+# still attends whole blocks) nor than the top-k width.
+TARGET_PROGRAMS = 256
+MAX_SPLITS = 16
+NUM_WARPS = 4
+NUM_STAGES = 2
+LOG2_E = 1.4426950408889634
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, kv_ptr, k_scale_ptr, v_scale_ptr, page, block, pos, valid,
+                  offs_n, offs_d, stride_tok, stride_kv, ks_slot, vs_slot, qk_scale,
+                  BLOCK_SIZE: tl.constexpr, HAS_K_SCALE: tl.constexpr,
+                  HAS_V_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) with one selected block.
+
+    kv_ptr points at K[page, :, kv_head, :] (V is `stride_kv` further); the scale pointers at
+    the KV head's row. Keys past `pos` and every key of an invalid entry are masked.
+    DOT_DTYPE is q's dtype when compiled; float32 under the interpreter, whose 16-bit float
+    dot would multiply bit patterns (the operands are rounded to q's dtype first either way).
+    """
+    # Keys up to `pos` of a valid block (one comparison: the interpreter turns a scalar & vector
+    # of bools into ints).
+    key_mask = offs_n <= tl.where(valid, pos - block * BLOCK_SIZE, -1)
+    tile = offs_n[:, None].to(tl.int64) * stride_tok + offs_d[None, :]
+    # FP8 values are exact in the 16-bit query dtype: dequantize by conversion, scale in fp32.
+    k = tl.load(kv_ptr + tile, mask=key_mask[:, None], other=0.0).to(q.dtype)
+    v = tl.load(kv_ptr + stride_kv + tile, mask=key_mask[:, None], other=0.0).to(q.dtype)
+    scores = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE))) * qk_scale
+    slot = page.to(tl.int64) * BLOCK_SIZE + offs_n
+    if HAS_K_SCALE:
+        scores *= tl.load(k_scale_ptr + slot * ks_slot, mask=key_mask, other=0.0)[None, :]
+    scores = tl.where(key_mask[None, :], scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    # A row that has seen no key yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_V_SCALE:
+        p *= tl.load(v_scale_ptr + slot * vs_slot, mask=key_mask, other=0.0)[None, :]
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE))
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _sparse_attn_kernel(
+        q_ptr, cache_ptr, topk_ptr, block_table_ptr, token_to_req_ptr, positions_ptr,
+        out_ptr, lse_ptr, k_scale_ptr, v_scale_ptr,
+        num_reqs, num_blocks, max_blocks, qk_scale,
+        stride_qt, stride_qh,
+        stride_blk, stride_kv, stride_tok, stride_head,
+        stride_kg, stride_kt, stride_kk,
+        stride_bt,
+        stride_os, stride_ot, stride_oh,
+        stride_ls, stride_lt,
+        ks_head, ks_slot, vs_head, vs_slot,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        CHUNK: tl.constexpr, DECODE_QUERY_LEN: tl.constexpr,
+        HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Grid (num_tokens, num_kv_heads, NUM_SPLITS).
+
+    DECODE_QUERY_LEN > 0: token t is query j = t % L of request t // L, at position
+    seq_lens[r] - L + j (token_to_req_ptr holds seq_lens). 0: token_to_req / positions say it.
+    NUM_SPLITS == 1 writes the output; otherwise out_ptr / lse_ptr are fp32 partials.
+    """
+    t = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    if DECODE_QUERY_LEN > 0:
+        req = t // DECODE_QUERY_LEN
+        pos = tl.load(token_to_req_ptr + req) - DECODE_QUERY_LEN + t % DECODE_QUERY_LEN
+    else:
+        req = tl.load(token_to_req_ptr + t)
+        pos = tl.load(positions_ptr + t)
+    live = (pos >= 0) & (req >= 0) & (req < num_reqs)
+    req = tl.where(live, req, 0).to(tl.int64)
+    # Blocks this token may see, and that exist in its block-table row.
+    limit = tl.minimum(tl.where(live, pos // BLOCK_SIZE + 1, 0), max_blocks)
+
+    offs_h = tl.arange(0, GROUP_PAD)
+    offs_d = tl.arange(0, HEAD_SIZE)
+    offs_n = tl.arange(0, BLOCK_SIZE)
+    head = kv_head * GROUP + offs_h
+    head_mask = offs_h < GROUP
+    t64 = t.to(tl.int64)
+    q = tl.load(q_ptr + t64 * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=head_mask[:, None], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_SIZE], tl.float32)
+    row = topk_ptr + kv_head.to(tl.int64) * stride_kg + t64 * stride_kt
+    head_base = cache_ptr + kv_head.to(tl.int64) * stride_head
+    for i in range(CHUNK):
+        j = split * CHUNK + i
+        block = tl.load(row + j * stride_kk, mask=j < TOPK, other=-1)
+        valid = (block >= 0) & (block < limit)
+        block = tl.where(valid, block, 0)
+        page = tl.load(block_table_ptr + req * stride_bt + block, mask=valid, other=0)
+        valid = valid & (page >= 0) & (page < num_blocks)
+        page = tl.where(valid, page, 0)
+        acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i, q, head_base + page.to(tl.int64) * stride_blk,
+            k_scale_ptr + kv_head * ks_head, v_scale_ptr + kv_head * vs_head,
+            page, block, pos, valid, offs_n, offs_d, stride_tok, stride_kv, ks_slot, vs_slot,
+            qk_scale, BLOCK_SIZE, HAS_K_SCALE, HAS_V_SCALE, DOT_DTYPE)
+
+    # No valid entry (l = 0): the output is zeros and the partial's log-sum-exp is -inf.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(out_ptr + split * stride_os + t64 * stride_ot + head[:, None] * stride_oh
+             + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+    if NUM_SPLITS > 1:
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(lse_ptr + split * stride_ls + t64 * stride_lt + head, lse, mask=head_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr,
+                         stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
+                         stride_ot, stride_oh,
+                         NUM_SPLITS: tl.constexpr, HEAD_SIZE: tl.constexpr):
+    """Grid (num_tokens, num_heads): out = sum_s 2^(lse_s - lse) * part_s."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, NUM_SPLITS)
+    offs_d = tl.arange(0, HEAD_SIZE)
+    lse = tl.load(lse_ptr + offs_s * stride_ls + t * stride_lt + h)
+    peak = tl.max(lse, 0)
+    weight = tl.exp2(lse - tl.where(peak == float("-inf"), 0.0, peak))
+    part = tl.load(part_ptr + offs_s[:, None] * stride_ps + t * stride_pt + h * stride_ph
+                   + offs_d[None, :])
+    total = tl.sum(weight, 0)
+    out = tl.sum(weight[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def num_splits_for(num_tokens: int, num_kv_heads: int, topk: int) -> int:
+    """Split-K count from shapes only (a power of two): more splits when few programs run."""
+    target = max(1, min(topk, MAX_SPLITS, TARGET_PROGRAMS // max(1, num_tokens * num_kv_heads)))
+    return 1 << (target.bit_length() - 1)
+
+
+def _scale_args(scale: torch.Tensor | None, fallback: torch.Tensor):
+    """(pointer tensor, head stride, slot stride): a scalar reads one element for every slot."""
+    if scale is None:
+        return fallback, 0, 0
+    if scale.dim() == 2:
+        return scale, scale.stride(0), scale.stride(1)
+    return scale, 0, 0
+
+
+def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
+                            block_table: torch.Tensor, output: torch.Tensor, sm_scale: float, *,
+                            token_to_req: torch.Tensor | None = None,
+                            token_positions: torch.Tensor | None = None,
+                            seq_lens: torch.Tensor | None = None, decode_query_len: int = 0,
+                            k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None,
+                            num_splits: int | None = None, num_warps: int = NUM_WARPS,
+                            num_stages: int = NUM_STAGES) -> None:
+    """Run the kernels on inputs the front end has validated; writes `output` in place.
+
+    query / output: [num_tokens, num_heads, head_size]; kv_cache: the logical view
+    (num_blocks, 2, block_size, num_kv_heads, head_size), any strides with a unit head stride;
+    topk: [num_kv_heads, >= num_tokens, topk]; block_table: [num_reqs, max_blocks].
+    Token map: either token_to_req / token_positions ([num_tokens]) or, for a uniform decode,
+    seq_lens ([num_reqs]) with decode_query_len >= 1. k_scale / v_scale: None, a 0-d or
+    [num_kv_heads, num_blocks * block_size] float32 tensor (FP8 caches only).
+    """
+    num_tokens, num_heads, head_size = query.shape
+    num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
+    if num_tokens == 0:
+        return
+    group = num_heads // num_kv_heads
+    width = topk.shape[-1]
+    splits = num_splits or num_splits_for(num_tokens, num_kv_heads, width)
+    if decode_query_len:
+        token_to_req = token_positions = seq_lens
+        num_reqs = seq_lens.shape[0]
+    else:
+        num_reqs = block_table.shape[0]
+    if splits == 1:
+        part, lse = output, output
+        part_strides = (0,) + output.stride()[:2]
+        lse_strides = (0, 0)
+    else:
+        part = torch.empty((splits, num_tokens, num_heads, head_size), dtype=torch.float32,
+                           device=query.device)
+        lse = torch.empty((splits, num_tokens, num_heads), dtype=torch.float32,
+                          device=query.device)
+        part_strides = part.stride()[:3]
+        lse_strides = lse.stride()[:2]
+    ks, ks_head, ks_slot = _scale_args(k_scale, output)
+    vs, vs_head, vs_slot = _scale_args(v_scale, output)
+    _sparse_attn_kernel[(num_tokens, num_kv_heads, splits)](
+        query, kv_cache, topk, block_table, token_to_req, token_positions, part, lse, ks, vs,
+        num_reqs, num_blocks, block_table.shape[1], sm_scale * LOG2_E,
+        query.stride(0), query.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        topk.stride(0), topk.stride(1), topk.stride(2),
+        block_table.stride(0),
+        *part_strides, *lse_strides,
+        ks_head, ks_slot, vs_head, vs_slot,
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_SIZE=head_size,
+        BLOCK_SIZE=block_size, TOPK=width, NUM_SPLITS=splits, CHUNK=triton.cdiv(width, splits),
+        DECODE_QUERY_LEN=decode_query_len, HAS_K_SCALE=k_scale is not None,
+        HAS_V_SCALE=v_scale is not None,
+        DOT_DTYPE=tl.float32 if INTERPRETED else _TL_DTYPES[query.dtype],
+        num_warps=num_warps, num_stages=num_stages)
+    if splits > 1:
+        _merge_splits_kernel[(num_tokens, num_heads)](
+            part, lse, output, *part_strides, *lse_strides, output.stride(0), output.stride(1),
+            NUM_SPLITS=splits, HEAD_SIZE=head_size, num_warps=num_warps)

@@ -1,0 +1,108 @@
+"""The operations registered with `torch.library`.
+
+Registered custom ops are opaque to `torch.compile`: model code that calls them compiles with
+`fullgraph=True`, and the fake implementations below let the compiler trace them without
+running a kernel. Every op writes into a tensor it is given (declared in `mutates_args`) and
+returns nothing, so it allocates no output and a CUDA graph can capture a decode step.
+
+`impl` picks the backend per call: "triton" (the kernels; compiled on CUDA, interpreted on a
+CPU when TRITON_INTERPRET=1) or "reference" (pure PyTorch, for machines without Triton).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference
+
+try:
+    from . import attention, cache
+except ImportError:  # no Triton: only the reference path runs
+    attention = cache = None
+
+IMPLS = ("triton", "reference")
+HAS_TRITON = attention is not None
+
+
+def default_impl(device: torch.device) -> str:
+    """"triton" where the kernels can run on `device`, else "reference"."""
+    if HAS_TRITON and (device.type == "cuda" or attention.INTERPRETED):
+        return "triton"
+    return "reference"
+
+
+def check_impl(impl: str | None, device: torch.device) -> str:
+    if impl is None:
+        return default_impl(device)
+    if impl not in IMPLS:
+        raise ValueError(f"impl {impl!r} is unknown; expected one of {IMPLS}")
+    if impl == "triton" and not HAS_TRITON:
+        raise ValueError("impl 'triton' needs Triton, which is not installed; use 'reference'")
+    return impl
+
+
+@torch.library.custom_op("minimax_m3_sparse::sparse_attn", mutates_args=("output",))
+def sparse_attn(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
+                block_table: torch.Tensor, token_to_req: torch.Tensor,
+                token_positions: torch.Tensor, output: torch.Tensor, sm_scale: float,
+                k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
+                impl: str) -> None:
+    """Sparse attention of tokens given by (token_to_req, token_positions) [num_tokens]."""
+    if impl == "reference":
+        reference.sparse_attention_reference(query, kv_cache, topk, block_table, token_to_req,
+                                             token_positions, output, sm_scale, k_scale,
+                                             v_scale)
+    else:
+        attention.launch_sparse_attention(query, kv_cache, topk, block_table, output, sm_scale,
+                                          token_to_req=token_to_req,
+                                          token_positions=token_positions, k_scale=k_scale,
+                                          v_scale=v_scale)
+
+
+@torch.library.custom_op("minimax_m3_sparse::sparse_attn_decode", mutates_args=("output",))
+def sparse_attn_decode(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
+                       block_table: torch.Tensor, seq_lens: torch.Tensor, output: torch.Tensor,
+                       sm_scale: float, decode_query_len: int,
+                       k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
+                       impl: str) -> None:
+    """Sparse attention of a uniform decode batch: seq_lens [num_reqs], num_reqs * L tokens."""
+    if impl == "reference":
+        token_to_req, positions = reference.decode_token_map(seq_lens, decode_query_len)
+        reference.sparse_attention_reference(query, kv_cache, topk, block_table, token_to_req,
+                                             positions, output, sm_scale, k_scale, v_scale)
+    else:
+        attention.launch_sparse_attention(query, kv_cache, topk, block_table, output, sm_scale,
+                                          seq_lens=seq_lens, decode_query_len=decode_query_len,
+                                          k_scale=k_scale, v_scale=v_scale)
+
+
+@torch.library.custom_op("minimax_m3_sparse::write_kv", mutates_args=("kv_cache",))
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+             slot_mapping: torch.Tensor, fp8_max: float, k_scale: Optional[torch.Tensor],
+             v_scale: Optional[torch.Tensor], impl: str) -> None:
+    """Write key / value [num_tokens, num_kv_heads, head_size] at slot_mapping [num_tokens]."""
+    if impl == "reference":
+        reference.write_kv_reference(kv_cache, key, value, slot_mapping, fp8_max=fp8_max,
+                                     k_scale=k_scale, v_scale=v_scale)
+    else:
+        cache.launch_write_kv(kv_cache, key, value, slot_mapping, fp8_max=fp8_max,
+                              k_scale=k_scale, v_scale=v_scale)
+
+
+# The ops only write into their arguments: tracing them needs no computation.
+@sparse_attn.register_fake
+def _(query, kv_cache, topk, block_table, token_to_req, token_positions, output, sm_scale,
+      k_scale, v_scale, impl) -> None:
+    return None
+
+
+@sparse_attn_decode.register_fake
+def _(query, kv_cache, topk, block_table, seq_lens, output, sm_scale, decode_query_len,
+      k_scale, v_scale, impl) -> None:
+    return None
+
+
+@write_kv.register_fake
+def _(kv_cache, key, value, slot_mapping, fp8_max, k_scale, v_scale, impl) -> None:
+    return None

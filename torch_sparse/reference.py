@@ -1,0 +1,110 @@
+"""The pure-PyTorch path: the same operations as the Triton kernels, for machines without Triton.
+
+Same inputs, same masking rules (an entry counts when it is a block the token may see, inside
+the block-table row, on a page inside the cache), computed in float32 with gathers. It is meant
+for correctness, not speed.
+"""
+from __future__ import annotations
+
+import torch
+
+# Tokens per gather: bounds the [tokens, topk * block_size, head_size] working set.
+TOKEN_CHUNK = 64
+
+
+def decode_token_map(seq_lens: torch.Tensor, decode_query_len: int):
+    """(token_to_req, token_positions) of a uniform decode batch: query j of request r is
+    token r * L + j at position seq_lens[r] - L + j."""
+    num_tokens = seq_lens.shape[0] * decode_query_len
+    tokens = torch.arange(num_tokens, device=seq_lens.device)
+    req = tokens // decode_query_len
+    return req, seq_lens.long()[req] - decode_query_len + tokens % decode_query_len
+
+
+def prefill_token_map(cu_seqlens_q: torch.Tensor, prefix_lens: torch.Tensor, num_tokens: int):
+    """(token_to_req, token_positions) of a prefill batch: token t of request r (cu_seqlens_q[r]
+    <= t < cu_seqlens_q[r + 1]) sits at prefix_lens[r] + t - cu_seqlens_q[r]; tokens past the
+    last request are padding (position -1)."""
+    num_reqs = prefix_lens.shape[0]
+    tokens = torch.arange(num_tokens, device=prefix_lens.device)
+    if num_reqs == 0:
+        return torch.zeros_like(tokens), torch.full_like(tokens, -1)
+    starts = cu_seqlens_q.long()
+    req = torch.searchsorted(starts[1:], tokens, right=True)
+    live = req < num_reqs
+    req = req.clamp(max=num_reqs - 1)
+    positions = prefix_lens.long()[req] + tokens - starts[req]
+    return req, torch.where(live, positions, -1)
+
+
+def _slot_scale(scale: torch.Tensor | None, kv_head: int, slots: torch.Tensor) -> torch.Tensor:
+    if scale is None:
+        return torch.ones((), device=slots.device)
+    if scale.dim() == 2:
+        return scale[kv_head][slots].float()
+    return scale.reshape(()).float()
+
+
+def sparse_attention_reference(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
+                               block_table: torch.Tensor, token_to_req: torch.Tensor,
+                               token_positions: torch.Tensor, output: torch.Tensor,
+                               sm_scale: float, k_scale: torch.Tensor | None = None,
+                               v_scale: torch.Tensor | None = None) -> None:
+    """Writes `output` in place; arguments as in `attention.launch_sparse_attention`."""
+    num_tokens, num_heads, head_size = query.shape
+    num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
+    num_reqs, max_blocks = block_table.shape
+    group = num_heads // num_kv_heads
+    pos = token_positions[:num_tokens].long()
+    req = token_to_req[:num_tokens].long()
+    live = (pos >= 0) & (req >= 0) & (req < num_reqs)
+    req = torch.where(live, req, 0)
+    limit = torch.where(live, torch.div(pos, block_size, rounding_mode="floor") + 1, 0)
+    limit = limit.clamp(max=max_blocks)
+    blocks = topk[:, :num_tokens].long()
+    valid = (blocks >= 0) & (blocks < limit[None, :, None])
+    blocks = torch.where(valid, blocks, 0)
+    pages = block_table.long()[req[None, :, None].expand_as(blocks), blocks]
+    valid &= (pages >= 0) & (pages < num_blocks)
+    pages = torch.where(valid, pages, 0)
+    offs = torch.arange(block_size, device=query.device)
+
+    for t0 in range(0, num_tokens, TOKEN_CHUNK):
+        t1 = min(t0 + TOKEN_CHUNK, num_tokens)
+        for g in range(num_kv_heads):
+            pg = pages[g, t0:t1]                                            # [C, K]
+            keys_at = blocks[g, t0:t1, :, None] * block_size + offs          # [C, K, bs]
+            mask = valid[g, t0:t1, :, None] & (keys_at <= pos[t0:t1, None, None])
+            slots = pg[..., None] * block_size + offs
+            k = kv_cache[pg, 0, :, g].float() * _slot_scale(k_scale, g, slots)[..., None]
+            v = kv_cache[pg, 1, :, g].float() * _slot_scale(v_scale, g, slots)[..., None]
+            c = t1 - t0
+            qg = query[t0:t1, g * group:(g + 1) * group].float()           # [C, group, D]
+            scores = sm_scale * (qg @ k.reshape(c, -1, head_size).transpose(1, 2))
+            mask = mask.reshape(c, 1, -1)
+            weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+            # A token with no valid key gets NaN from softmax over -inf: make it zeros.
+            weights = torch.where(mask.any(-1, keepdim=True), weights, 0.0)
+            out = weights @ v.reshape(c, -1, head_size)
+            output[t0:t1, g * group:(g + 1) * group] = out.to(output.dtype)
+
+
+def write_kv_reference(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       slot_mapping: torch.Tensor, *, fp8_max: float = 0.0,
+                       k_scale: torch.Tensor | None = None,
+                       v_scale: torch.Tensor | None = None) -> None:
+    """In-place cache update; arguments as in `cache.launch_write_kv`."""
+    num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
+    slots = slot_mapping[:key.shape[0]].long()
+    live = (slots >= 0) & (slots < num_blocks * block_size)
+    slots = slots[live]
+    heads = torch.arange(num_kv_heads, device=key.device)
+    for kv, new, scale in ((0, key[live], k_scale), (1, value[live], v_scale)):
+        if fp8_max > 0:
+            new = new.float()
+            if scale is not None:
+                new = new / (scale[:, slots].T[..., None] if scale.dim() == 2
+                             else scale.reshape(()))
+            new = new.clamp(-fp8_max, fp8_max)
+        kv_cache[(slots // block_size)[:, None], kv, (slots % block_size)[:, None],
+                 heads[None, :]] = new.to(kv_cache.dtype)
