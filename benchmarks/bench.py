@@ -114,13 +114,14 @@ class Case:
         spec, q, cache, topk, md = self.spec, self.j_q, self.j_cache, self.j_topk, self.j_md
         return lambda: f(spec, q, cache, topk, md)
 
-    def check(self, err_rows=64):
-        """Both paths agree with each other on this case (a guard against timing garbage)."""
+    def check(self, samples=256):
+        """Relative difference of the two paths on sampled tokens (guards against timing garbage)."""
         self.torch_fn()()
-        j = np.asarray(self.jax_fn()()).astype(np.float32)
-        t = self.out.float().cpu().numpy()
-        rows = min(err_rows, t.shape[0])
-        return float(np.linalg.norm(t[:rows] - j[:rows]) / max(np.linalg.norm(t[:rows]), 1e-30))
+        j_out = self.jax_fn()()
+        idx = np.unique(np.linspace(0, self.q.shape[0] - 1, samples).astype(np.int64))
+        j = np.asarray(j_out[idx]).astype(np.float32)
+        t = self.out[torch.from_numpy(idx).cuda()].float().cpu().numpy()
+        return float(np.linalg.norm(t - j) / max(np.linalg.norm(t), 1e-30))
 
 
 # The peer (vLLM 0.33's Triton MiniMax-M3 kernels, bf16 cache, L=1) as ../shared/PERF.md

@@ -179,6 +179,8 @@ def main(argv=None) -> int:
         ap.error("--device gpu needs CUDA, which PyTorch does not see here")
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    # PyTorch and JAX share the GPU: keep JAX from reserving most of its memory up front.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     big = device == "gpu"
     heads = args.heads or ("64/4" if big else "16/2")
     num_heads, num_kv_heads = (int(x) for x in heads.split("/"))

@@ -16,6 +16,9 @@ def _has_cuda() -> bool:
 
 HAS_CUDA = _has_cuda()
 
+# PyTorch and JAX share the GPU: keep JAX from reserving most of its memory up front.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
 # The Triton interpreter must be chosen before any kernel module is imported.
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
