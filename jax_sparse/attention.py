@@ -69,7 +69,7 @@ def _attend_block(carry, q, page, mask, head, cache_ref, k_scale_ref, v_scale_re
     """
     acc, m, l = carry
     k = _load_page(cache_ref, page, 0, head, layout).astype(q.dtype)
-    scores = pl.dot(q, k, trans_b=True)  # [rows, block_size] f32
+    scores = plgpu.dot(q, k, trans_b=True)  # [rows, block_size] f32
     slots = pl.ds(page * block_size, block_size)
     if k_scale_ref is not None:
         scores = scores * _scale(k_scale_ref, head, slots)
@@ -82,7 +82,7 @@ def _attend_block(carry, q, page, mask, head, cache_ref, k_scale_ref, v_scale_re
         p = p * _scale(v_scale_ref, head, slots)
     # Keys past the token (or of a masked page) may hold anything, NaN included: zero them.
     v = jnp.where(mask[:, None], _load_page(cache_ref, page, 1, head, layout).astype(q.dtype), 0)
-    acc = alpha[:, None] * acc + pl.dot(p.astype(q.dtype), v)
+    acc = alpha[:, None] * acc + plgpu.dot(p.astype(q.dtype), v)
     return acc, m_new, l
 
 

@@ -1,0 +1,418 @@
+"""jax_sparse: the Pallas kernels (interpret mode on CPU, Triton on a GPU) and the XLA
+implementation against the float64 reference; jit behaviour; bad input; write_kv."""
+import numpy as np
+import pytest
+
+import interop
+from interop.testing import NUMPY_DTYPES, make_topk, random_problem, relative_error
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+import jax_sparse  # noqa: E402
+
+TOL = 1e-2  # bf16/fp16 queries and P in the dot products; fp8 values are exact in bf16
+IMPLS = ["pallas", "xla"]
+ON_GPU = jax.default_backend() == "gpu"
+jax_on_gpu = pytest.mark.skipif(not ON_GPU, reason="needs JAX on a GPU")
+# A mixed decode-first batch: 3 decodes (one at a block edge), then 2 prefill chunks.
+QUERY_LENS, SEQ_LENS = [1, 1, 1, 24, 9], [300, 129, 600, 540, 9]
+
+
+def _scales(problem):
+    return [None if s is None else jnp.asarray(s) for s in (problem.k_scale, problem.v_scale)]
+
+
+def _run(problem, impl, **kw):
+    k_scale, v_scale = _scales(problem)
+    return jax_sparse.sparse_attention(
+        problem.spec, jnp.asarray(problem.query), jnp.asarray(problem.kv_cache),
+        jnp.asarray(problem.topk_indices), interop.to_jax(problem.metadata), k_scale=k_scale,
+        v_scale=v_scale, implementation=impl, **kw)
+
+
+def _reference(problem, kv_cache=None):
+    return interop.reference_attention(
+        problem.spec, problem.query, problem.kv_cache if kv_cache is None else kv_cache,
+        problem.topk_indices, problem.metadata, problem.k_scale, problem.v_scale)
+
+
+def _check(out, ref, label, tol=TOL):
+    out = np.asarray(out, np.float64)
+    assert out.shape == ref.shape, f"{label}: shape {out.shape}, expected {ref.shape}"
+    err = relative_error(out, ref)
+    assert err < tol, f"{label}: relative error {err:.3g} >= {tol}"
+    zero_rows = ~ref.any(axis=(1, 2))
+    assert not out[zero_rows].any(), f"{label}: rows with no valid entry are not all zeros"
+
+
+def _problem(rng, cache="auto", layout="NHD", heads=(8, 2), topk=8, query_dtype=None,
+             query_lens=QUERY_LENS, seq_lens=SEQ_LENS, **kw):
+    spec = interop.SparseAttentionSpec(*heads, topk_blocks=topk, kv_cache_dtype=cache,
+                                       kv_cache_layout=layout)
+    qdt = query_dtype or ("float16" if cache == "float16" else "bfloat16")
+    return random_problem(spec, query_lens, seq_lens, rng, query_dtype=qdt, **kw)
+
+
+# --- parity with the float64 reference -------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("heads", [(8, 2), (16, 1)], ids=["gqa4", "gqa16"])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("cache", ["auto", "float16", "fp8_e4m3", "fp8_e5m2"])
+def test_parity_mixed_batch(rng, impl, heads, layout, cache):
+    problem = _problem(rng, cache, layout, heads, num_tokens=40, scatter=True,
+                       future_fraction=0.4, empty_fraction=0.1)
+    _check(_run(problem, impl), _reference(problem), f"{impl} {cache} {layout} {heads}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("decode_query_len", [1, 2])
+def test_parity_decode_query_len(rng, impl, layout, decode_query_len):
+    problem = _problem(rng, layout=layout, heads=(16, 4), decode_query_len=decode_query_len,
+                       query_lens=[decode_query_len] * 3 + [17],
+                       seq_lens=[257, 128 + decode_query_len, 520, 400], scatter=True,
+                       future_fraction=0.3)
+    _check(_run(problem, impl), _reference(problem), f"{impl} L={decode_query_len} {layout}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("scale_mode", ["none", "scalar", "per_slot"])
+@pytest.mark.parametrize("cache", ["fp8_e4m3", "fp8_e5m2"])
+def test_parity_fp8_scales(rng, impl, scale_mode, cache):
+    problem = _problem(rng, cache, "HND", (16, 4), scale_mode=scale_mode, scatter=True)
+    _check(_run(problem, impl), _reference(problem), f"{impl} {cache} scales={scale_mode}")
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 4, 8])
+def test_pallas_splits(rng, num_splits):
+    problem = _problem(rng, "fp8_e4m3", heads=(8, 2), scale_mode="per_slot", scatter=True,
+                       future_fraction=0.5, empty_fraction=0.2)
+    _check(_run(problem, "pallas", num_splits=num_splits), _reference(problem),
+           f"num_splits={num_splits}")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_empty_rows_and_padding_give_zeros(rng, impl):
+    problem = _problem(rng, num_tokens=48, empty_fraction=1.0)
+    out = np.asarray(_run(problem, impl), np.float64)
+    assert np.isfinite(out).all() and not out.any(), f"{impl}: rows with no entry not zeros"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cache", ["auto", "fp8_e4m3"])
+def test_nan_outside_attended_keys_is_ignored(rng, impl, cache):
+    """Slots no token may attend (past each request's end, spare pages) hold NaN."""
+    problem = _problem(rng, cache, scatter=True, future_fraction=0.5)
+    ref = _reference(problem)
+    poisoned = problem.kv_cache.astype(np.float32)
+    md = problem.metadata
+    used = np.zeros((poisoned.shape[0], problem.spec.block_size), bool)
+    for r, seq_len in enumerate(md.seq_lens):
+        for pos in range(seq_len):
+            used[md.block_table[r, pos // 128], pos % 128] = True
+    axes = (0, 2) if problem.spec.kv_cache_layout == "NHD" else (0, 3)
+    poisoned = np.moveaxis(poisoned, axes, (0, 1))
+    poisoned[~used] = np.nan
+    problem.kv_cache = np.moveaxis(poisoned, (0, 1), axes).astype(problem.kv_cache.dtype)
+    _check(_run(problem, impl), ref, f"{impl} {cache} NaN-poisoned unused slots")
+
+
+def _garbage_topk(problem, rng):
+    """Every -1 replaced by junk that is never valid: huge, negative, future, past the table."""
+    topk = problem.topk_indices.copy()
+    limit = np.maximum(np.asarray(problem.metadata.token_positions) // 128 + 1, 0)
+    max_blocks = problem.metadata.block_table.shape[1]
+    junk = np.stack(np.broadcast_arrays(
+        np.int32(2**31 - 1), np.int32(-2**31), np.int32(-7), limit[None, :, None],
+        limit[None, :, None] + 40, np.int32(max_blocks), np.int32(max_blocks + 3),
+        np.zeros(topk.shape, np.int32)), axis=-1)[..., :7]
+    pick = rng.integers(0, junk.shape[-1], topk.shape)
+    junk = np.take_along_axis(junk, pick[..., None], -1)[..., 0]
+    # Entries stay distinct (the contract's promise): a future block may only appear once.
+    return np.where(topk == -1, junk, topk).astype(np.int32)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_garbage_topk_and_block_table(rng, impl, layout):
+    problem = _problem(rng, layout=layout, topk=16, num_tokens=40, scatter=True)
+    problem.topk_indices = _garbage_topk(problem, rng)
+    # Pages outside the cache in a block the token may see: masked, never followed.
+    num_blocks = problem.kv_cache.shape[0]
+    table = problem.metadata.block_table.copy()
+    table[0, 0], table[3, 1], table[2, 4] = num_blocks + 5, -3, 2**31 - 1
+    problem.metadata = problem.metadata.replace(block_table=table)
+    _check(_run(problem, impl), _reference(problem), f"{impl} {layout} garbage top-k")
+
+
+# --- the seed's calls --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("decode_query_len", [1, 2])
+def test_seed_calls_match_reference(rng, impl, layout, decode_query_len):
+    problem = _problem(rng, "fp8_e4m3", layout, (16, 4), decode_query_len=decode_query_len,
+                       query_lens=[decode_query_len] * 2 + [20, 7], seq_lens=[400, 131, 300, 7],
+                       scale_mode="per_slot", scatter=True, future_fraction=0.3)
+    ref = _reference(problem)
+    md, spec = problem.metadata, problem.spec
+    nd, ndt = md.num_decodes, md.num_decode_tokens
+    q, topk = jnp.asarray(problem.query), jnp.asarray(problem.topk_indices)
+    cache = jnp.asarray(problem.kv_cache)
+    k_scale, v_scale = _scales(problem)
+    common = dict(kv_cache_layout=layout, implementation=impl)
+    dec = md.decode
+    out = jax_sparse.minimax_m3_sparse_attn_decode(
+        q[:ndt], cache, topk[:, :ndt], jnp.asarray(dec.block_table), jnp.asarray(dec.seq_lens),
+        spec.num_kv_heads, spec.scale, decode_query_len, k_scale, v_scale, **common)
+    _check(out, ref[:ndt], f"{impl} {layout} seed decode L={decode_query_len}")
+    pre = md.prefill
+    out = jax_sparse.minimax_m3_sparse_attn(
+        q[ndt:], cache, topk[:, ndt:], jnp.asarray(pre.block_table),
+        jnp.asarray(pre.cu_seqlens_q), jnp.asarray(pre.seq_lens), jnp.asarray(pre.context_lens),
+        pre.max_query_len, spec.num_kv_heads, spec.scale, k_scale, v_scale, **common)
+    _check(out, ref[ndt:], f"{impl} {layout} seed prefill ({nd} decodes before)")
+
+
+# --- jit: no recompilation across batches of the same padded sizes ----------------------------
+
+MIXED_BATCHES = [([1, 1, 1, 1], [5, 300, 129, 700], 1),
+                 ([1, 1, 9, 13], [640, 2, 200, 13], 1),
+                 ([2, 2, 2, 2], [130, 256, 3, 500], 2),
+                 ([20, 1, 1, 1], [600, 40, 7, 128], 1)]
+DECODE_BATCHES = [([1] * 4, [5, 300, 129, 700], 1), ([1] * 4, [640, 2, 200, 13], 1),
+                  ([1] * 4, [128, 129, 1, 700], 1)]
+
+
+def _same_shape_batches(rng, spec, shapes, num_tokens=24, num_reqs=4, max_blocks=6,
+                        num_blocks=24):
+    """Batches that differ in everything but the padded sizes: decode/prefill split, lengths,
+    contexts, block tables."""
+    cache = rng.standard_normal(spec.physical_kv_cache_shape(num_blocks)).astype(
+        NUMPY_DTYPES["bfloat16"])
+    query = rng.standard_normal((num_tokens, spec.num_heads, spec.head_size)).astype(
+        NUMPY_DTYPES["bfloat16"])
+    for query_lens, seq_lens, decode_query_len in shapes:
+        table = np.full((num_reqs, max_blocks), -1, np.int32)
+        pages = rng.permutation(num_blocks)
+        needed = -(-np.asarray(seq_lens) // spec.block_size)
+        for r, n in enumerate(needed):
+            table[r, :n] = pages[needed[:r].sum():needed[:r].sum() + n]
+        md = interop.build_metadata(query_lens, seq_lens, table, num_tokens=num_tokens,
+                                    decode_query_len=decode_query_len, num_blocks=num_blocks)
+        topk = make_topk(md, spec.num_kv_heads, spec.topk_blocks, rng, scatter=True)
+        yield query, cache, topk, md
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_recompile_across_batches(rng, impl):
+    spec = interop.SparseAttentionSpec(8, 2, topk_blocks=4)
+    traces = []
+
+    @jax.jit
+    def step(query, kv_cache, topk, metadata):
+        traces.append(1)  # runs once per trace, not per call
+        return jax_sparse.sparse_attention(spec, query, kv_cache, topk, metadata,
+                                           implementation=impl)
+
+    for i, (query, cache, topk, md) in enumerate(_same_shape_batches(rng, spec, MIXED_BATCHES)):
+        out = step(jnp.asarray(query), jnp.asarray(cache), jnp.asarray(topk), interop.to_jax(md))
+        ref = interop.reference_attention(spec, query, cache, topk, md)
+        _check(out, ref, f"{impl} batch {i}")
+    assert len(traces) == 1, f"{impl}: traced {len(traces)} times for 4 same-shape batches"
+    assert step._cache_size() == 1, f"{impl}: {step._cache_size()} compilations"
+
+
+def test_no_recompile_seed_decode(rng):
+    spec = interop.SparseAttentionSpec(8, 2, topk_blocks=4)
+    fn = jax_sparse.minimax_m3_sparse_attn_decode
+    before = fn._cache_size()
+    for query, cache, topk, md in _same_shape_batches(rng, spec, DECODE_BATCHES):
+        out = fn(jnp.asarray(query), jnp.asarray(cache), jnp.asarray(topk),
+                 jnp.asarray(md.block_table), jnp.asarray(md.seq_lens), spec.num_kv_heads,
+                 spec.scale, 1)
+        _check(out, interop.reference_attention(spec, query, cache, topk, md),
+               f"seed decode {md.seq_lens}")
+    assert fn._cache_size() - before == 1, f"{fn._cache_size() - before} compilations"
+
+
+# --- bad input: ValueError at trace time naming field, value and expectation ------------------
+
+def _bad_call(problem, **changes):
+    """Trace sparse_attention without compiling or running it (jax.eval_shape)."""
+    args = dict(query=jnp.asarray(problem.query), kv_cache=jnp.asarray(problem.kv_cache),
+                topk_indices=jnp.asarray(problem.topk_indices),
+                metadata=interop.to_jax(problem.metadata))
+    kwargs = {k: changes.pop(k) for k in ("k_scale", "v_scale", "implementation", "num_splits")
+              if k in changes}
+    args.update(changes)
+    jax.eval_shape(lambda *a: jax_sparse.sparse_attention(problem.spec, *a, **kwargs),
+                   *args.values())
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda p: dict(query=jnp.asarray(p.query, jnp.float32)),
+     r"query dtype float32 is not supported; expected one of bfloat16, float16"),
+    (lambda p: dict(query=jnp.asarray(p.query)[:, :4]),
+     r"query shape \(\d+, 4, 128\) does not match the spec: expected \[num_tokens, 8, 128\]"),
+    (lambda p: dict(kv_cache=jnp.swapaxes(jnp.asarray(p.kv_cache), 2, 3)),
+     r"kv_cache shape \(\d+, 2, 2, 128, 128\) does not match the spec: expected the NHD"),
+    (lambda p: dict(kv_cache=jnp.asarray(p.kv_cache, jnp.float16)),
+     r"kv_cache dtype float16 does not match the spec: expected float8_e4m3fn"),
+    (lambda p: dict(topk_indices=jnp.asarray(p.topk_indices)[..., :3]),
+     r"topk_indices shape \(2, \d+, 3\) does not match the spec: expected \[2, >= \d+, 8\]"),
+    (lambda p: dict(topk_indices=jnp.asarray(p.topk_indices, jnp.float32)),
+     r"topk_indices must hold integers, got dtype float32"),
+    (lambda p: dict(k_scale=jnp.ones((2, 7))),
+     r"k_scale shape \(2, 7\) does not match: expected a scalar or \[2, \d+\]"),
+    (lambda p: dict(implementation="cuda"), r"implementation 'cuda' is unknown"),
+    (lambda p: dict(num_splits=3), r"num_splits 3 must be a positive divisor of topk_blocks"),
+    (lambda p: dict(metadata=interop.to_jax(p.metadata.replace(
+        token_positions=p.metadata.token_positions[:5]))),
+     r"metadata.token_positions has 5 entries but query has \d+ tokens"),
+], ids=["query-dtype", "query-heads", "cache-layout", "cache-dtype", "topk-shape",
+        "topk-dtype", "k-scale", "implementation", "num-splits", "metadata"])
+def test_bad_input_raises_at_trace_time(rng, change, match):
+    problem = _problem(rng, "fp8_e4m3")
+    with pytest.raises(ValueError, match=match):
+        _bad_call(problem, **change(problem))
+
+
+def test_bad_seed_call_raises(rng):
+    problem = _problem(rng)
+    q, cache = jnp.asarray(problem.query), jnp.asarray(problem.kv_cache)
+    with pytest.raises(ValueError, match=r"kv_cache_layout 'NDH' is unknown"):
+        jax_sparse.minimax_m3_sparse_attn_decode(
+            q, cache, jnp.asarray(problem.topk_indices), jnp.zeros((3, 6), jnp.int32),
+            jnp.ones(3, jnp.int32), 2, None, 1, kv_cache_layout="NDH")
+    with pytest.raises(ValueError, match=r"kv_cache dtype float32 is not a cache dtype"):
+        jax_sparse.minimax_m3_sparse_attn_decode(
+            q, cache.astype(jnp.float32), jnp.asarray(problem.topk_indices),
+            jnp.zeros((3, 6), jnp.int32), jnp.ones(3, jnp.int32), 2, None, 1)
+
+
+# --- write_kv --------------------------------------------------------------------------------
+
+def _read_slots(cache, spec, slots):
+    """[T, 2, num_kv_heads, D] float32 at the slots, from the physical cache."""
+    cache = np.asarray(jnp.asarray(cache, jnp.float32))
+    pages, offsets = slots // spec.block_size, slots % spec.block_size
+    if spec.kv_cache_layout == "NHD":
+        return cache[pages, :, offsets]
+    return cache[pages, :, :, offsets]
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("cache, scale_mode", [
+    ("auto", "none"), ("float16", "none"),
+    *[(c, m) for c in ("fp8_e4m3", "fp8_e5m2") for m in ("none", "scalar", "per_slot")]])
+def test_write_kv_round_trip(rng, layout, cache, scale_mode):
+    problem = _problem(rng, cache, layout, num_tokens=44, scale_mode=scale_mode)
+    spec, md = problem.spec, problem.metadata
+    before = np.asarray(problem.kv_cache, np.float32)
+    k_scale, v_scale = _scales(problem)
+    out = jax_sparse.write_kv(jnp.asarray(problem.kv_cache), jnp.asarray(problem.key),
+                              jnp.asarray(problem.value), jnp.asarray(md.slot_mapping), spec,
+                              k_scale, v_scale)
+    assert out.dtype == problem.kv_cache.dtype and out.shape == problem.kv_cache.shape
+    slots = md.slot_mapping[md.slot_mapping >= 0]
+    written = _read_slots(out, spec, slots)
+    new = np.stack([problem.key, problem.value], 1).astype(np.float32)[:slots.size]
+    if scale_mode != "none":  # dequantize: stored value times the slot's scale
+        num_slots = problem.kv_cache.shape[0] * spec.block_size
+        for i, scale in enumerate((problem.k_scale, problem.v_scale)):
+            per_slot = np.broadcast_to(np.asarray(scale, np.float32),
+                                       (spec.num_kv_heads, num_slots))
+            written[:, i] *= per_slot[:, slots].T[..., None]
+    tol = {"fp8_e4m3": 2**-3, "fp8_e5m2": 2**-2}.get(cache, 2**-7)
+    err = np.abs(written - new).max() / np.abs(new).max()
+    assert err < tol, f"{cache} {layout} {scale_mode}: round trip error {err:.3g}"
+    # Every other slot, padding tokens' included (slot -1), is unchanged.
+    after = np.asarray(jnp.asarray(out, jnp.float32))
+    touched = np.zeros(after.shape, bool)
+    if layout == "NHD":
+        touched[slots // 128, :, slots % 128] = True
+    else:
+        touched[slots // 128, :, :, slots % 128] = True
+    assert np.array_equal(after[~touched], before[~touched]), f"{cache} {layout}: stray writes"
+
+
+@pytest.mark.parametrize("cache", ["fp8_e4m3", "fp8_e5m2"])
+@pytest.mark.parametrize("scale_mode", ["none", "scalar", "per_slot"])
+def test_write_kv_fp8_saturates(rng, cache, scale_mode):
+    problem = _problem(rng, cache, "HND", scale_mode=scale_mode)
+    spec, md = problem.spec, problem.metadata
+    fp8_max = interop.FP8_MAX[spec.cache_storage_dtype("bfloat16")]
+    huge = np.full(problem.key.shape, 1e38, np.float32)
+    huge[::2] *= -1
+    k_scale, v_scale = _scales(problem)
+    out = jax_sparse.write_kv(jnp.asarray(problem.kv_cache), jnp.asarray(huge, jnp.bfloat16),
+                              jnp.asarray(huge, jnp.bfloat16), jnp.asarray(md.slot_mapping),
+                              spec, k_scale, v_scale)
+    written = _read_slots(out, spec, md.slot_mapping[md.slot_mapping >= 0])
+    expected = np.sign(huge[:written.shape[0], None]) * fp8_max
+    assert np.array_equal(written, np.broadcast_to(expected, written.shape)), \
+        f"{cache} {scale_mode}: not saturated to +-{fp8_max}"
+
+
+def test_write_kv_then_attention(rng):
+    """The kernels read what write_kv wrote (new tokens' K/V, FP8 with per-slot scales)."""
+    problem = _problem(rng, "fp8_e4m3", "HND", (16, 4), scale_mode="per_slot", scatter=True)
+    k_scale, v_scale = _scales(problem)
+    cache = jax_sparse.write_kv(jnp.asarray(problem.kv_cache), jnp.asarray(problem.key),
+                                jnp.asarray(problem.value),
+                                jnp.asarray(problem.metadata.slot_mapping), problem.spec,
+                                k_scale, v_scale)
+    problem.kv_cache = np.asarray(cache)
+    _check(_run(problem, "pallas"), _reference(problem), "after write_kv")
+
+
+def test_write_kv_bad_input(rng):
+    problem = _problem(rng)
+    cache, key = jnp.asarray(problem.kv_cache), jnp.asarray(problem.key)
+    slots = jnp.asarray(problem.metadata.slot_mapping)
+    with pytest.raises(ValueError, match=r"key shape \(\d+, 2, 64\) does not match the spec"):
+        jax_sparse.write_kv(cache, key[..., :64], key[..., :64], slots, problem.spec)
+    with pytest.raises(ValueError, match=r"slot_mapping has 3 entries: expected \d+"):
+        jax_sparse.write_kv(cache, key, key, slots[:3], problem.spec)
+
+
+def test_write_kv_donates_the_cache(rng):
+    """The returned cache is the donated input buffer (XLA wrote in place)."""
+    problem = _problem(rng, "fp8_e4m3", scale_mode="per_slot")
+    cache = jnp.asarray(problem.kv_cache)
+    pointer = cache.unsafe_buffer_pointer()
+    k_scale, v_scale = _scales(problem)
+    out = jax_sparse.write_kv(cache, jnp.asarray(problem.key), jnp.asarray(problem.value),
+                              jnp.asarray(problem.metadata.slot_mapping), problem.spec,
+                              k_scale, v_scale)
+    assert cache.is_deleted(), "the cache was not donated"
+    assert out.unsafe_buffer_pointer() == pointer, "write_kv copied the cache"
+
+
+# --- GPU: compiled Pallas (Triton) at MiniMax-M3 shapes ----------------------------------------
+
+@pytest.mark.gpu
+@jax_on_gpu
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("cache", ["auto", "fp8_e4m3"])
+@pytest.mark.parametrize("heads", [(64, 4), (16, 1)], ids=["64-4", "16-1"])
+def test_gpu_m3_shapes(rng, impl, layout, cache, heads):
+    problem = _problem(rng, cache, layout, heads, topk=16,
+                       query_lens=[1] * 6 + [700, 300],
+                       seq_lens=[32768, 9000, 129, 2000, 20000, 5, 700, 4400],
+                       scale_mode="per_slot" if cache != "auto" else "none", scatter=True,
+                       future_fraction=0.2, empty_fraction=0.01)
+    _check(_run(problem, impl), _reference(problem), f"gpu {impl} {cache} {layout} {heads}")
+
+
+@pytest.mark.gpu
+@jax_on_gpu
+def test_gpu_speculative_decode_16_1(rng):
+    problem = _problem(rng, "fp8_e4m3", "NHD", (16, 1), topk=16, decode_query_len=2,
+                       query_lens=[2] * 8 + [1000], seq_lens=[32768] * 4 + [3000] * 4 + [5000],
+                       scale_mode="per_slot")
+    _check(_run(problem, "pallas"), _reference(problem), "gpu 16/1 speculative decode")
