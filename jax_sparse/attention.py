@@ -54,7 +54,7 @@ def _load_page(cache_ref, page, kv: int, head, layout: str):
 
 
 def _scale(scale_ref, head, slots):
-    """The dequantization scale of a page's keys: [1, block_size] per slot, or one scalar."""
+    """The dequantization scale of a page's slots: [1, block_size] per slot, or one scalar."""
     if scale_ref.ndim == 2:
         return scale_ref[head, slots][None, :]
     return scale_ref[0]
