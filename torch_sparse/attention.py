@@ -144,20 +144,32 @@ def _sparse_attn_kernel(
 def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr,
                          stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
                          stride_ot, stride_oh,
-                         NUM_SPLITS: tl.constexpr, HEAD_SIZE: tl.constexpr):
-    """Grid (num_tokens, num_heads): out = sum_s 2^(lse_s - lse) * part_s."""
+                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr):
+    """Grid (num_tokens, num_kv_heads): out = sum_s 2^(lse_s - lse) * part_s per query head."""
     t = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1)
-    offs_s = tl.arange(0, NUM_SPLITS)
+    head = tl.program_id(1) * GROUP + tl.arange(0, GROUP_PAD)
+    head_mask = tl.arange(0, GROUP_PAD) < GROUP
     offs_d = tl.arange(0, HEAD_SIZE)
-    lse = tl.load(lse_ptr + offs_s * stride_ls + t * stride_lt + h)
-    peak = tl.max(lse, 0)
-    weight = tl.exp2(lse - tl.where(peak == float("-inf"), 0.0, peak))
-    part = tl.load(part_ptr + offs_s[:, None] * stride_ps + t * stride_pt + h * stride_ph
-                   + offs_d[None, :])
-    total = tl.sum(weight, 0)
-    out = tl.sum(weight[:, None] * part, 0) / tl.where(total > 0, total, 1.0)
-    tl.store(out_ptr + t * stride_ot + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty))
+    lse_row = lse_ptr + t * stride_lt + head
+    part_rows = part_ptr + t * stride_pt + head[:, None] * stride_ph + offs_d[None, :]
+    peak = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        peak = tl.maximum(peak, tl.load(lse_row + s * stride_ls, mask=head_mask,
+                                        other=float("-inf")))
+    # Every split empty (peak = -inf): all weights are 0 and the output is zeros.
+    peak = tl.where(peak == float("-inf"), 0.0, peak)
+    total = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_SIZE], tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        weight = tl.exp2(tl.load(lse_row + s * stride_ls, mask=head_mask,
+                                 other=float("-inf")) - peak)
+        total += weight
+        acc += weight[:, None] * tl.load(part_rows + s * stride_ps, mask=head_mask[:, None],
+                                         other=0.0)
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + t * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
 
 
 def num_splits_for(num_tokens: int, num_kv_heads: int, topk: int) -> int:
@@ -198,6 +210,7 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
     if num_tokens == 0:
         return
     group = num_heads // num_kv_heads
+    group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
     width = topk.shape[-1]
     splits = num_splits or num_splits_for(num_tokens, num_kv_heads, width)
     if decode_query_len:
@@ -227,13 +240,14 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
         block_table.stride(0),
         *part_strides, *lse_strides,
         ks_head, ks_slot, vs_head, vs_slot,
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_SIZE=head_size,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_SIZE=head_size,
         BLOCK_SIZE=block_size, TOPK=width, NUM_SPLITS=splits, CHUNK=triton.cdiv(width, splits),
         DECODE_QUERY_LEN=decode_query_len, HAS_K_SCALE=k_scale is not None,
         HAS_V_SCALE=v_scale is not None,
         DOT_DTYPE=tl.float32 if INTERPRETED else _TL_DTYPES[query.dtype],
         num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
-        _merge_splits_kernel[(num_tokens, num_heads)](
+        _merge_splits_kernel[(num_tokens, num_kv_heads)](
             part, lse, output, *part_strides, *lse_strides, output.stride(0), output.stride(1),
-            NUM_SPLITS=splits, HEAD_SIZE=head_size, num_warps=num_warps)
+            GROUP=group, GROUP_PAD=group_pad, HEAD_SIZE=head_size, NUM_SPLITS=splits,
+            num_warps=num_warps)

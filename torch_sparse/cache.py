@@ -6,13 +6,27 @@ offset); a negative slot, or one outside the cache, writes nothing. FP8 caches r
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
 
-from .attention import _scale_args
+from .attention import INTERPRETED, _scale_args
 
 NUM_WARPS = 4
+
+
+@triton.jit
+def _round_to_fp8_grid(x, MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
+    """Round fp32 `x` (already inside the FP8 range) to the nearest FP8 value, ties to even,
+    in fp32 arithmetic. Only the interpreter needs this: its fp32 -> fp8 cast drops the carry
+    when rounding up crosses a power of two (1.97 -> 1.0), while the GPU's cast is exact."""
+    exponent = ((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    exponent = tl.maximum(exponent, MIN_EXPONENT)  # subnormals share the smallest step
+    step = ((exponent - MANTISSA_BITS + 127) << 23).to(tl.float32, bitcast=True)
+    # Adding and removing 1.5 * 2^23 rounds |x / step| < 2^22 to an integer, ties to even.
+    return ((x / step + 12582912.0) - 12582912.0) * step
 
 
 @triton.jit
@@ -24,8 +38,9 @@ def _write_kv_kernel(key_ptr, value_ptr, slot_ptr, cache_ptr, k_scale_ptr, v_sca
                      NUM_KV_HEADS: tl.constexpr, HEADS_PAD: tl.constexpr,
                      HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                      IS_FP8: tl.constexpr, HAS_K_SCALE: tl.constexpr,
-                     HAS_V_SCALE: tl.constexpr):
-    """Grid (num_tokens,)."""
+                     HAS_V_SCALE: tl.constexpr, INTERPRETED: tl.constexpr,
+                     MANTISSA_BITS: tl.constexpr, MIN_EXPONENT: tl.constexpr):
+    """Grid (num_tokens,). MANTISSA_BITS / MIN_EXPONENT describe the FP8 format."""
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     live = (slot >= 0) & (slot < num_slots)
@@ -51,6 +66,9 @@ def _write_kv_kernel(key_ptr, value_ptr, slot_ptr, cache_ptr, k_scale_ptr, v_sca
                              mask=offs_h < NUM_KV_HEADS, other=1.0)[:, None]
         key = tl.clamp(key, -fp8_max, fp8_max)
         value = tl.clamp(value, -fp8_max, fp8_max)
+        if INTERPRETED:
+            key = _round_to_fp8_grid(key, MANTISSA_BITS, MIN_EXPONENT)
+            value = _round_to_fp8_grid(value, MANTISSA_BITS, MIN_EXPONENT)
     tl.store(dst, key.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + stride_kv, value.to(cache_ptr.dtype.element_ty), mask=mask)
 
@@ -68,6 +86,7 @@ def launch_write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tens
     num_blocks, _, block_size = kv_cache.shape[:3]
     if num_tokens == 0:
         return
+    finfo = torch.finfo(kv_cache.dtype)
     ks, ks_head, ks_slot = _scale_args(k_scale, key)
     vs, vs_head, vs_slot = _scale_args(v_scale, key)
     _write_kv_kernel[(num_tokens,)](
@@ -78,4 +97,6 @@ def launch_write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tens
         NUM_KV_HEADS=num_kv_heads, HEADS_PAD=triton.next_power_of_2(num_kv_heads),
         HEAD_SIZE=head_size, BLOCK_SIZE=block_size, IS_FP8=fp8_max > 0,
         HAS_K_SCALE=k_scale is not None, HAS_V_SCALE=v_scale is not None,
+        INTERPRETED=INTERPRETED, MANTISSA_BITS=round(-math.log2(finfo.eps)),
+        MIN_EXPONENT=round(math.log2(finfo.tiny)),
         num_warps=num_warps)
