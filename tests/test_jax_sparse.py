@@ -402,7 +402,8 @@ M3_HEADS = [(64, 4), (16, 1)]
 @pytest.mark.parametrize("heads, layout, cache, impl", [
     *[(h, layout, cache, "pallas") for h in M3_HEADS for layout in ("NHD", "HND")
       for cache in ("auto", "fp8_e4m3")],
-    ((64, 4), "HND", "fp8_e4m3", "xla")])
+    ((64, 4), "HND", "fp8_e4m3", "xla")], ids=lambda v: "-".join(map(str, v)) if
+    isinstance(v, tuple) else None)
 def test_gpu_m3_shapes(rng, impl, layout, cache, heads):
     problem = _problem(rng, cache, layout, heads, topk=16,
                        query_lens=[1] * 6 + [200, 100],
