@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import interop
-from interop.testing import random_problem, relative_error
+from interop.testing import make_topk, random_problem, relative_error
 
 torch = pytest.importorskip("torch")
 import torch_sparse  # noqa: E402
@@ -221,7 +221,8 @@ def _expected_cache(cache, key, value, slots, fp8_max, k_scale, v_scale):
             if fp8_max:
                 new = new.float()
                 if scale is not None:
-                    new = new / (scale[:, slot, None] if scale.dim() == 2 else scale)
+                    per_slot = isinstance(scale, torch.Tensor) and scale.dim() == 2
+                    new = new / (scale[:, slot, None] if per_slot else scale)
                 new = new.clamp(-fp8_max, fp8_max)
             expected[page, kv, off] = new.to(cache.dtype)
     return expected
@@ -242,11 +243,10 @@ def test_write_kv(rng, cache, scale_mode, layout, impl):
     if spec.is_fp8:  # push some values past the FP8 range (scales are in [0.5, 2])
         key[::3] *= 1e5
         value[1::4] *= -1e5
-    k_scale = ops_scale(t["k_scale"])
-    v_scale = ops_scale(t["v_scale"])
     slots = t["metadata"].slot_mapping
     fp8_max = interop.FP8_MAX.get(str(t["kv_cache"].dtype).replace("torch.", ""), 0.0)
-    expected = _expected_cache(t["kv_cache"], key, value, slots, fp8_max, k_scale, v_scale)
+    expected = _expected_cache(t["kv_cache"], key, value, slots, fp8_max, t["k_scale"],
+                               t["v_scale"])
     torch_sparse.write_kv(t["kv_cache"], key, value, slots, spec, t["k_scale"], t["v_scale"],
                           impl=impl)
     case = f"write_kv {cache}/{scale_mode}/{layout}/{impl}"
@@ -254,13 +254,6 @@ def test_write_kv(rng, cache, scale_mode, layout, impl):
     assert torch.equal(t["kv_cache"].float(), expected.float()), case
     if spec.is_fp8:
         assert t["kv_cache"].float().isfinite().all(), f"{case}: FP8 must saturate, not overflow"
-
-
-def ops_scale(scale):
-    """The scale as the kernels see it: None or a float32 tensor."""
-    if scale is None or isinstance(scale, torch.Tensor):
-        return scale
-    return torch.tensor(scale, dtype=torch.float32, device=DEVICE)
 
 
 def test_write_then_attend(rng):
@@ -510,36 +503,33 @@ def test_compile_fullgraph_traces_the_ops(rng, impl):
 
 # --- GPU: MiniMax-M3 shapes, CUDA graphs, Inductor ---------------------------------------------
 
-M3_HEADS = [(64, 4), (16, 1)]
+# (num_heads, num_kv_heads, kv_cache_dtype, layout, scale_mode)
+M3_CASES = [(64, 4, "auto", "NHD", "none"), (64, 4, "fp8_e4m3", "HND", "per_slot"),
+            (16, 1, "auto", "HND", "none"), (16, 1, "fp8_e5m2", "NHD", "scalar")]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cache,layout,scale_mode", [("auto", "NHD", "none"),
-                                                     ("auto", "HND", "none"),
-                                                     ("fp8_e4m3", "HND", "per_slot"),
-                                                     ("fp8_e5m2", "NHD", "scalar")])
-@pytest.mark.parametrize("heads", M3_HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv")
-def test_gpu_m3_shapes(rng, heads, cache, layout, scale_mode):
-    """Decodes up to 32k tokens of context next to prefills with long contexts."""
-    spec = _spec(heads, cache, layout, topk=16)
-    problem = random_problem(spec, [1] * 6 + [300, 200], [32768, 9000, 129, 2000, 20000, 5,
-                                                           32768, 5000], rng,
-                             scale_mode=scale_mode, scatter=True, future_fraction=0.2,
+@pytest.mark.parametrize("heads,kv_heads,cache,layout,scale_mode", M3_CASES)
+def test_gpu_m3_shapes(rng, heads, kv_heads, cache, layout, scale_mode):
+    """Decodes up to 32k tokens of context next to prefills with and without long contexts."""
+    spec = _spec((heads, kv_heads), cache, layout, topk=16)
+    problem = random_problem(spec, [1] * 4 + [200, 300], [32768, 2000, 129, 5, 32768, 300],
+                             rng, scale_mode=scale_mode, scatter=True, future_fraction=0.2,
                              empty_fraction=0.01)
     out = _run_sparse_attention(problem)
-    _assert_close(out, _reference(problem), f"gpu {heads} {cache}/{layout}/{scale_mode}")
+    _assert_close(out, _reference(problem), f"gpu {heads}/{kv_heads} {cache}/{layout}")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("heads", M3_HEADS, ids=lambda h: f"{h[0]}q{h[1]}kv")
-@pytest.mark.parametrize("decode_query_len", [1, 2])
+@pytest.mark.parametrize("heads,decode_query_len", [((64, 4), 1), ((16, 1), 2)])
 def test_gpu_decode_cuda_graph(rng, heads, decode_query_len):
     """Capture one decode, then replay it on new queries and a new selection."""
     spec = _spec(heads, topk=16)
     lens = decode_query_len
-    problems = [random_problem(spec, [lens] * 8, [32768, 4096, 129, 700, 20000, 9, 3000, 17],
-                               rng, decode_query_len=lens, scatter=True) for _ in range(2)]
-    t = _torch(problems[0])
+    seq_lens = [32768, 4096, 129, 700, 9, 3000]
+    problem = random_problem(spec, [lens] * 6, seq_lens, rng, decode_query_len=lens,
+                             scatter=True)
+    t = _torch(problem)
     md = t["metadata"]
     q, topk = t["query"].clone(), t["topk"].clone()
     out = torch.full_like(q, float("nan"))
@@ -554,15 +544,19 @@ def test_gpu_decode_cuda_graph(rng, heads, decode_query_len):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    for problem in problems:
-        q.copy_(interop.to_torch(problem.query, DEVICE))
-        topk.copy_(interop.to_torch(problem.topk_indices, DEVICE))
+    for replay in range(2):
+        # Same batch (positions), fresh queries and selection on every replay.
+        query = rng.standard_normal(problem.query.shape).astype(problem.query.dtype)
+        selection = make_topk(problem.metadata, heads[1], 16, rng,
+                                              scatter=True)
+        q.copy_(interop.to_torch(query, DEVICE))
+        topk.copy_(interop.to_torch(selection, DEVICE))
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        ref = interop.reference_attention(spec, problem.query, problems[0].kv_cache,
-                                          problem.topk_indices, problem.metadata)
-        _assert_close(out, ref, f"cuda graph replay {heads} L={lens}")
+        ref = interop.reference_attention(spec, query, problem.kv_cache, selection,
+                                          problem.metadata)
+        _assert_close(out, ref, f"cuda graph replay {replay} {heads} L={lens}")
 
 
 @pytest.mark.gpu
