@@ -56,14 +56,19 @@ def make_topk(metadata: SparseMetadata, num_kv_heads: int, topk: int, rng: np.ra
     positions = np.asarray(metadata.token_positions, np.int64)
     num_tokens = positions.shape[0]
     out = np.full((num_kv_heads, num_tokens, topk), -1, np.int32)
-    for t, p in enumerate(positions):
-        if p < 0:
-            continue
-        own = p // block_size
-        for g in range(num_kv_heads):
-            older = rng.permutation(own)[:topk - 1]
-            row = np.concatenate([[own], older]).astype(np.int32)
-            out[g, t, :row.size] = row
+    own = np.where(positions >= 0, positions // block_size, -1)
+    width = int(own.max(initial=0)) + 1
+    chunk = max(1, (1 << 22) // width)
+    for g in range(num_kv_heads):
+        for t0 in range(0, num_tokens, chunk):
+            o = own[t0:t0 + chunk, None]
+            # Older blocks in random order: random keys, future and own blocks pushed last.
+            keys = rng.random((o.shape[0], width))
+            keys[np.arange(width)[None, :] >= o] = np.inf
+            older = np.argsort(keys, axis=1)[:, :topk - 1]
+            older = np.where(older < o, older, -1)
+            out[g, t0:t0 + chunk, 0] = o[:, 0]
+            out[g, t0:t0 + chunk, 1:1 + older.shape[1]] = older
     if future_fraction:
         pad = out == -1
         future = pad & (rng.random(out.shape) < future_fraction)
