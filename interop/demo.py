@@ -184,9 +184,9 @@ def main(argv=None) -> int:
     big = device == "gpu"
     heads = args.heads or ("64/4" if big else "16/2")
     num_heads, num_kv_heads = (int(x) for x in heads.split("/"))
-    decodes = args.decodes if args.decodes is not None else (32 if big else 2)
+    decodes = args.decodes if args.decodes is not None else (16 if big else 2)
     context = args.context or (32768 if big else 700)
-    pq, pc = _parse_prefills(args.prefills or ("2048:0,512:8192" if big else "48:0,16:300"))
+    pq, pc = _parse_prefills(args.prefills or ("512:0,256:8192" if big else "48:0,16:300"))
     spec = SparseAttentionSpec(num_heads, num_kv_heads, topk_blocks=args.topk or (16 if big else 4),
                                kv_cache_dtype=args.cache_dtype, kv_cache_layout=args.layout)
     L = args.decode_query_len

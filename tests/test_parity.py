@@ -53,7 +53,7 @@ def test_parity_gpu_m3_shapes(rng, writer, cache, layout):
     spec = interop.SparseAttentionSpec(64, 4, topk_blocks=16, kv_cache_dtype=cache,
                                        kv_cache_layout=layout)
     qdt = "float16" if cache == "float16" else "bfloat16"
-    problem = random_problem(spec, [1] * 6 + [700, 300], [32768, 9000, 129, 2000, 20000, 5, 700, 4400],
+    problem = random_problem(spec, [1] * 6 + [160, 90], [32768, 9000, 129, 2000, 20000, 5, 160, 4400],
                              rng, query_dtype=qdt, scatter=True, future_fraction=0.2,
                              empty_fraction=0.01)
     _check(problem, writer, "gpu", f"gpu {writer} {cache} {layout}")
@@ -63,6 +63,6 @@ def test_parity_gpu_m3_shapes(rng, writer, cache, layout):
 @pytest.mark.parametrize("writer", ["torch", "jax"])
 def test_parity_gpu_16_1_speculative(rng, writer):
     spec = interop.SparseAttentionSpec(16, 1, topk_blocks=16, kv_cache_dtype="fp8_e4m3")
-    problem = random_problem(spec, [2] * 8 + [1000], [32768] * 4 + [3000] * 4 + [5000], rng,
+    problem = random_problem(spec, [2] * 8 + [300], [32768] * 4 + [3000] * 4 + [5000], rng,
                              decode_query_len=2, scale_mode="per_slot")
     _check(problem, writer, "gpu", f"gpu 16/1 spec-decode {writer}")
