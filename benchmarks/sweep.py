@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (sets up sys.path and the JAX allocator)
@@ -20,15 +19,6 @@ import triton  # noqa: E402
 import interop  # noqa: E402
 
 VARIANTS = [(4, 2), (4, 3), (8, 2), (8, 3)]
-
-
-def jax_pipelined_ms(fn, n=50):
-    fn().block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        out = fn()
-    out.block_until_ready()
-    return (time.perf_counter() - t0) * 1e3 / n
 
 
 def sweep(case, label, splits_list=(None,)):
@@ -55,7 +45,7 @@ def sweep(case, label, splits_list=(None,)):
                              num_warps=w, num_stages=s, num_splits=splits)
             try:
                 jt = bench.jax_median_ms(j_fn, iters=20)
-                jp = jax_pipelined_ms(j_fn)
+                jp = bench.jax_pipelined_ms(j_fn)
             except Exception as e:
                 jt = jp = float("nan")
                 print(f"  jax w{w} s{s}: {type(e).__name__}: {str(e)[:120]}")

@@ -54,7 +54,7 @@ def _attention(spec, query, kv_cache, topk_indices, token_to_req, token_position
 def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
                      metadata: SparseMetadata, *, k_scale=None, v_scale=None,
                      implementation: str | None = None, num_splits: int | None = None,
-                     num_warps: int = 4, num_stages: int = 2):
+                     num_warps: int | None = None, num_stages: int = 2):
     """Block-sparse GQA attention of a decode-first batch (contract, section 2).
 
     Args:
@@ -113,7 +113,7 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
                            prefix_lens, max_query_len, num_kv_heads: int, sm_scale: float,
                            k_scale=None, v_scale=None, *, kv_cache_layout: str = "NHD",
                            implementation: str | None = None, num_splits: int | None = None,
-                           num_warps: int = 4, num_stages: int = 2):
+                           num_warps: int | None = None, num_stages: int = 2):
     """The seed's prefill call, returning the output.
 
     Args:
@@ -146,7 +146,7 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens,
                                   num_kv_heads: int, sm_scale: float, decode_query_len: int,
                                   k_scale=None, v_scale=None, *, kv_cache_layout: str = "NHD",
                                   implementation: str | None = None,
-                                  num_splits: int | None = None, num_warps: int = 4,
+                                  num_splits: int | None = None, num_warps: int | None = None,
                                   num_stages: int = 2):
     """The seed's decode call, returning the output.
 

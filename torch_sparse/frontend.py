@@ -151,7 +151,7 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
         _check_tensor(name, x, q.device, _INDEX_DTYPES, 1)
         _check_length(name, x, length, "block_table's rows (+1 for offsets)")
     token_to_req, positions = prefill_token_map(cu_seqlens_q, prefix_lens, q.shape[0])
-    ops.sparse_attn(q, kv_cache, topk_idx, block_table, token_to_req, positions, output,
+    ops.call_sparse_attn(q, kv_cache, topk_idx, block_table, token_to_req, positions, output,
                     float(sm_scale), k_scale, v_scale, ops.check_impl(impl, q.device))
 
 
@@ -176,7 +176,7 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, 
         raise ValueError(f"q has {q.shape[0]} tokens but {seq_lens.shape[0]} decode requests "
                          f"of decode_query_len {decode_query_len} make "
                          f"{seq_lens.shape[0] * decode_query_len}")
-    ops.sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, output,
+    ops.call_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, output,
                            float(sm_scale), decode_query_len, k_scale, v_scale,
                            ops.check_impl(impl, q.device))
 
@@ -208,7 +208,7 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
         if x.shape[0] < num_tokens:
             raise ValueError(f"metadata.{name} has {x.shape[0]} tokens but query has "
                              f"{num_tokens}")
-    ops.sparse_attn(query, kv_cache, topk_indices, metadata.block_table,
+    ops.call_sparse_attn(query, kv_cache, topk_indices, metadata.block_table,
                     metadata.token_to_req[:num_tokens], metadata.token_positions[:num_tokens],
                     output, spec.scale, k_scale, v_scale, ops.check_impl(impl, query.device))
     return output
@@ -240,5 +240,5 @@ def write_kv(kv_cache, key, value, slot_mapping, spec: SparseAttentionSpec, k_sc
     if slot_mapping.shape[0] < key.shape[0]:
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries but key has "
                          f"{key.shape[0]} tokens")
-    ops.write_kv(kv_cache, key, value, slot_mapping[:key.shape[0]], fp8_max, k_scale, v_scale,
+    ops.call_write_kv(kv_cache, key, value, slot_mapping[:key.shape[0]], fp8_max, k_scale, v_scale,
                  ops.check_impl(impl, device))
