@@ -1,7 +1,7 @@
 """Framework-neutral core: the spec, the metadata schema and builder, the float64 reference,
 and the DLPack bridges. Imports neither front end (PyTorch and JAX only inside the bridges)."""
 from .bridges import (allocate_torch_kv_cache, kv_cache_to_jax, kv_cache_to_torch,
-                      register_jax_pytrees, to_jax, to_torch)
+                      register_jax_pytrees, to_jax, to_torch, wait_for_writes)
 from .metadata import (DecodeMetadata, PrefillMetadata, SparseMetadata, TopkReport,
                        build_metadata, validate_topk)
 from .reference import reference_attention
@@ -13,5 +13,5 @@ __all__ = [
     "SUPPORTED_BLOCK_SIZES", "SUPPORTED_HEAD_SIZES", "DecodeMetadata", "PrefillMetadata",
     "SparseAttentionSpec", "SparseMetadata", "TopkReport", "allocate_torch_kv_cache",
     "build_metadata", "kv_cache_to_jax", "kv_cache_to_torch", "reference_attention",
-    "register_jax_pytrees", "to_jax", "to_torch", "validate_topk",
+    "register_jax_pytrees", "to_jax", "to_torch", "validate_topk", "wait_for_writes",
 ]

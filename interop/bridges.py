@@ -12,10 +12,14 @@ Ownership and aliasing (zero-copy means both sides see one buffer):
   buffer, so the PyTorch view stays valid and sees the new contents (check with
   `unsafe_buffer_pointer()` that the output buffer is the input buffer). Without donation
   JAX returns a new buffer and the PyTorch view keeps the old contents.
-- Stream order: both directions go through the `__dlpack__(stream=...)` protocol, in which the
-  producer makes the consumer's stream wait for its pending work, so a cache written by one
-  framework is complete before the other reads it. Before handing a JAX-owned cache to
-  PyTorch, we also wait for the JAX array to be ready (JAX work runs on its own streams).
+- Stream order: PyTorch and JAX queue GPU work on streams of their own, and neither can make
+  the other's stream wait on an event. So every bridge call first waits (on the host) for the
+  source's pending work: PyTorch's current stream is synchronized before a tensor is handed to
+  JAX, and a JAX array is made ready before PyTorch takes it. A cache written by one framework
+  is therefore complete before the other reads it. Writes made AFTER the hand-over (PyTorch
+  writing into a cache JAX already imported) need the same wait before JAX reads:
+  `wait_for_writes(torch_cache)`. Bridges run once per cache, not per step, so the wait is
+  off the hot path; within one framework nothing waits.
 """
 from __future__ import annotations
 
@@ -34,6 +38,21 @@ _ML_DTYPE_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 
 def _is_jax_array(x) -> bool:
     return type(x).__module__.split(".")[0] in ("jax", "jaxlib")
+
+
+def wait_for_writes(x) -> None:
+    """Block the host until the work queued on `x`'s framework has finished: PyTorch's current
+    stream on x's device (CUDA), or the JAX computation producing `x`. Call it before the other
+    framework reads a buffer that `x` shares with it."""
+    if is_torch_tensor(x):
+        if x.is_cuda:
+            import torch
+            torch.cuda.current_stream(x.device).synchronize()
+    elif _is_jax_array(x):
+        x.block_until_ready()
+    else:
+        raise TypeError(f"wait_for_writes takes a PyTorch tensor or a JAX array, got "
+                        f"{type(x).__name__}")
 
 
 def _torch_device(device):
@@ -59,7 +78,7 @@ def _array_to_torch(x, device, copy: bool):
     elif isinstance(x, (np.ndarray, np.generic)):
         t = _numpy_to_torch(np.asarray(x))
     elif _is_jax_array(x):
-        x.block_until_ready()
+        wait_for_writes(x)
         try:
             t = torch.from_dlpack(x)
         except (BufferError, RuntimeError, TypeError) as err:
@@ -88,6 +107,7 @@ def _array_to_jax(x, device, copy: bool):
                     f"{x.stride()}) with JAX without a copy: JAX arrays are row-major; pass "
                     "copy=True, or kv_cache_to_jax for a cache")
             x = x.contiguous()
+        wait_for_writes(x)
         try:
             a = jax.dlpack.from_dlpack(x)
         except (BufferError, RuntimeError, TypeError) as err:

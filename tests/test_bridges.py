@@ -39,9 +39,10 @@ def _check_cache_round_trip(kind, layout, dtype):
     np.testing.assert_array_equal(
         np.asarray(arr).astype(np.float32),
         view.permute(*spec.kv_cache_stride_order()).float().cpu().numpy())
-    # A write through PyTorch is seen by the JAX array (one buffer).
+    # A write through PyTorch after the hand-over is seen by the JAX array (one buffer).
     view[1, 0, 5, 1].fill_(3.0)
-    torch.cuda.synchronize() if kind == "gpu" else None
+    interop.wait_for_writes(view)
+    assert float(np.asarray(arr[1, 0, 5, 1, 0] if layout == "NHD" else arr[1, 0, 1, 5, 0]).astype(np.float32)) == 3.0
     assert float(interop.kv_cache_to_torch(arr, spec)[1, 0, 5, 1, 0].float()) == 3.0
     # jax -> torch: the logical view over JAX's buffer.
     owned = jnp.asarray(np.asarray(arr)) + 0
@@ -120,6 +121,8 @@ def test_bridge_errors():
         interop.kv_cache_to_torch(nhd_storage, spec)
     with pytest.raises(TypeError, match="to_torch takes"):
         interop.to_torch([1, 2, 3])
+    with pytest.raises(TypeError, match="wait_for_writes takes"):
+        interop.wait_for_writes(np.zeros(3))
     with pytest.raises(TypeError, match="to_jax takes"):
         interop.to_jax("cache")
     # A dtype DLPack cannot carry: complex32 has no JAX counterpart.
