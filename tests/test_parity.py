@@ -66,3 +66,16 @@ def test_parity_gpu_16_1_speculative(rng, writer):
     problem = random_problem(spec, [2] * 8 + [300], [32768] * 4 + [3000] * 4 + [5000], rng,
                              decode_query_len=2, scale_mode="per_slot")
     _check(problem, writer, "gpu", f"gpu 16/1 spec-decode {writer}")
+
+
+@pytest.mark.parametrize("argv", [
+    [],  # the README's bare command: CPU defaults
+    ["--writer", "jax", "--layout", "HND", "--cache-dtype", "fp8_e5m2", "--scale", "per_slot",
+     "--decode-query-len", "2", "--prefills", "20:130", "--iters", "1"],
+])
+def test_demo_cli(capsys, argv):
+    from interop.demo import main
+    device = [] if "--device" in argv else ["--device", "cpu"]
+    assert main(device + argv) == 0
+    report = capsys.readouterr().out
+    assert "without a copy: yes" in report and "parity: OK" in report, report
