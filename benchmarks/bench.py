@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 
 import interop  # noqa: E402
-from interop.testing import make_topk  # noqa: E402
+from interop.testing import make_topk, random_block_table  # noqa: E402
 
 BS = 128
 
@@ -80,19 +80,11 @@ class Case:
 
     def __init__(self, spec, query_lens, seq_lens, rng, decode_query_len=1):
         import jax
-        needed = [-(-s // BS) for s in seq_lens]
-        num_blocks = sum(needed) + 1
-        pages = rng.permutation(num_blocks)
-        table = np.zeros((len(seq_lens), max(needed)), np.int32)
-        start = 0
-        for r, n in enumerate(needed):
-            table[r, :n] = pages[start:start + n]
-            start += n
+        table, num_blocks = random_block_table(seq_lens, rng, block_size=BS, spare_blocks=1)
         md = interop.build_metadata(query_lens, seq_lens, table,
                                     decode_query_len=decode_query_len, num_blocks=num_blocks)
         self.spec, self.md = spec, md
         topk = make_topk(md, spec.num_kv_heads, spec.topk_blocks, rng)
-        self.topk_np = topk
         dev = torch.device("cuda")
         self.cache = interop.allocate_torch_kv_cache(spec, num_blocks, "bfloat16", device=dev)
         phys = self.cache.permute(*spec.kv_cache_stride_order())
