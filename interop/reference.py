@@ -23,16 +23,14 @@ def logical_kv_cache_float64(spec: SparseAttentionSpec, kv_cache) -> np.ndarray:
     return np.transpose(cache, np.argsort(order))
 
 
-def _slot_scale(scale, num_kv_heads: int, num_slots: int) -> np.ndarray:
+def _slot_scale(spec: SparseAttentionSpec, name: str, scale, num_blocks: int) -> np.ndarray:
     """[num_kv_heads, num_slots] float64 from None, a scalar or a per-(head, slot) array."""
+    slots = (spec.num_kv_heads, num_blocks * spec.block_size)
     if scale is None:
-        return np.ones((num_kv_heads, num_slots))
+        return np.ones(slots)
     arr = to_float64(scale)
-    if arr.size == 1:
-        return np.full((num_kv_heads, num_slots), float(arr.reshape(())))
-    if arr.shape != (num_kv_heads, num_slots):
-        raise ValueError(f"scale shape {arr.shape} does not match: expected a scalar or "
-                         f"[{num_kv_heads}, {num_slots}] (num_kv_heads, num_blocks * block_size)")
+    if spec.check_scale_shape(name, arr.shape, num_blocks):
+        return np.full(slots, float(arr.reshape(())))
     return arr
 
 
@@ -57,8 +55,8 @@ def reference_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices
     kv = logical_kv_cache_float64(spec, kv_cache)
     num_blocks, _, bs, num_kv, dim = kv.shape
     if spec.is_fp8:
-        ks = _slot_scale(k_scale, num_kv, num_blocks * bs).reshape(num_kv, num_blocks, bs)
-        vs = _slot_scale(v_scale, num_kv, num_blocks * bs).reshape(num_kv, num_blocks, bs)
+        ks = _slot_scale(spec, "k_scale", k_scale, num_blocks).reshape(num_kv, num_blocks, bs)
+        vs = _slot_scale(spec, "v_scale", v_scale, num_blocks).reshape(num_kv, num_blocks, bs)
     else:
         ks = vs = np.ones((num_kv, num_blocks, bs))
     topk = to_numpy(topk_indices).astype(np.int64)

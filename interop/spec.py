@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 # page size == sparse block size: one selected block is exactly one cache page.
 SUPPORTED_BLOCK_SIZES = (128,)
 SUPPORTED_HEAD_SIZES = (128,)
@@ -144,6 +146,17 @@ class SparseAttentionSpec:
             raise ValueError(f"{name} shape {shape} does not match the spec: expected "
                              f"[num_tokens, {self.num_heads}, {self.head_size}]")
         return shape[0]
+
+    def check_scale_shape(self, name: str, shape, num_blocks: int) -> bool:
+        """A k/v scale is one value or one per (KV head, slot); returns True for one value."""
+        shape = tuple(int(s) for s in shape)
+        if int(np.prod(shape)) == 1:
+            return True
+        slots = (self.num_kv_heads, num_blocks * self.block_size)
+        if shape != slots:
+            raise ValueError(f"{name} shape {shape} does not match: expected a scalar or "
+                             f"[{slots[0]}, {slots[1]}] (num_kv_heads, num_blocks * block_size)")
+        return False
 
     def check_topk_shape(self, shape, num_tokens: int) -> None:
         shape = tuple(int(s) for s in shape)

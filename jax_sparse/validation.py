@@ -37,12 +37,8 @@ def check_scale(name: str, scale, spec: SparseAttentionSpec, num_blocks: int):
     if scale is None or not spec.is_fp8:
         return None
     scale = jnp.asarray(scale, jnp.float32)
-    slots = (spec.num_kv_heads, num_blocks * spec.block_size)
-    if scale.size == 1:
+    if spec.check_scale_shape(name, scale.shape, num_blocks):
         return scale.reshape(1)
-    if scale.shape != slots:
-        raise ValueError(f"{name} shape {scale.shape} does not match: expected a scalar or "
-                         f"[{slots[0]}, {slots[1]}] (num_kv_heads, num_blocks * block_size)")
     return scale
 
 
