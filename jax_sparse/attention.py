@@ -50,11 +50,15 @@ def default_num_splits(num_tokens: int, num_kv_heads: int, topk_blocks: int) -> 
     return splits
 
 
-def _load_page(cache_ref, page, kv: int, head, layout: str):
-    """[block_size, head_size] of K (kv=0) or V (kv=1) of one KV head from one page."""
+def _load_page(cache_ref, page, kv: int, head, layout: str, mask):
+    """[block_size, head_size] of K (kv=0) or V (kv=1) of one KV head from one page; rows where
+    `mask` is False are not read (predicated off) and come back as zeros."""
+    kv = jnp.int32(kv)  # a Python int index trips the interpreter's indexer
     if layout == "NHD":
-        return cache_ref[page, kv, :, head, :]
-    return cache_ref[page, kv, head, :, :]
+        page_ref = cache_ref.at[page, kv, :, head, :]
+    else:
+        page_ref = cache_ref.at[page, kv, head, :, :]
+    return plgpu.load(page_ref, mask=jnp.broadcast_to(mask[:, None], page_ref.shape), other=0)
 
 
 def _scale(scale_ref, head, slots):
@@ -69,23 +73,25 @@ def _attend_block(carry, q, page, mask, head, cache_ref, k_scale_ref, v_scale_re
     """One online-softmax step over one selected page: the step prefill and decode share.
 
     carry: (acc [rows, D] f32, m [rows] f32 running max (base 2), l [rows] f32 running sum).
+    q: [rows, D] in the compute dtype (the query's; float16 for an FP8 cache); score_scale:
+    [rows] f32, softmax scale * log2(e) per row.
     mask: [block_size] keys of this page the token attends (all False for an invalid entry).
     """
     acc, m, l = carry
-    k = _load_page(cache_ref, page, 0, head, layout).astype(q.dtype)
+    # Keys past the token (or of a masked page) may hold anything, NaN included: never read.
+    k = _load_page(cache_ref, page, 0, head, layout, mask).astype(q.dtype)
     scores = plgpu.dot(q, k, trans_b=True)  # [rows, block_size] f32
     slots = pl.ds(page * block_size, block_size)
     if k_scale_ref is not None:
         scores = scores * _scale(k_scale_ref, head, slots)
-    scores = jnp.where(mask[None, :], scores * score_scale, MASK_VALUE)
+    scores = jnp.where(mask[None, :], scores * score_scale[:, None], MASK_VALUE)
     m_new = jnp.maximum(m, scores.max(axis=-1))
     alpha = jnp.exp2(m - m_new)
     p = jnp.where(mask[None, :], jnp.exp2(scores - m_new[:, None]), 0.0)
     l = alpha * l + p.sum(axis=-1)
     if v_scale_ref is not None:
         p = p * _scale(v_scale_ref, head, slots)
-    # Keys past the token (or of a masked page) may hold anything, NaN included: zero them.
-    v = jnp.where(mask[:, None], _load_page(cache_ref, page, 1, head, layout).astype(q.dtype), 0)
+    v = _load_page(cache_ref, page, 1, head, layout, mask).astype(q.dtype)
     acc = alpha[:, None] * acc + plgpu.dot(p.astype(q.dtype), v)
     return acc, m_new, l
 
@@ -102,9 +108,21 @@ def _sparse_attention_kernel(q_ref, topk_ref, token_to_req_ref, positions_ref, b
     req = jnp.clip(token_to_req_ref[token], 0, num_reqs - 1)
     q = q_ref[...]
     rows, head_size = q.shape
+    row_scale = jnp.full((rows,), score_scale, jnp.float32)
+    if jnp.dtype(cache_ref.dtype).itemsize == 1:
+        # FP8 cache: compute in float16 (FP8 -> float16 is one conversion instruction per
+        # pair; -> bfloat16 takes several), each query row scaled by (about) a power of two so
+        # its largest magnitude lies near 2^14: no overflow, bfloat16's 8 significant bits fit
+        # in float16's 11; the scores are scaled back.
+        qf = q.astype(jnp.float32)
+        amax = jnp.abs(qf).max(axis=-1)
+        shift = jnp.where(amax > 0, 14.0 - jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))), 0.0)
+        q_scale = jnp.exp2(jnp.clip(shift, -120.0, 100.0))
+        q = (qf * q_scale[:, None]).astype(jnp.float16)
+        row_scale = row_scale / q_scale
     attend = functools.partial(_attend_block, q=q, head=head, cache_ref=cache_ref,
                                k_scale_ref=k_scale_ref, v_scale_ref=v_scale_ref, layout=layout,
-                               block_size=block_size, score_scale=score_scale)
+                               block_size=block_size, score_scale=row_scale)
 
     def body(i, carry):
         entry = topk_ref[head, token, split * blocks_per_split + i]

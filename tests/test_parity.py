@@ -1,5 +1,7 @@
 """Cross-framework parity: one cache, written by either framework, attended by the Triton and
 the Pallas kernels without a copy; both compared with each other and the float64 reference."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -43,6 +45,19 @@ def test_parity_cpu_fp8_scales(rng, writer, scale_mode):
     problem = random_problem(spec, [2, 2, 7], [260, 2, 140], rng, decode_query_len=2,
                              scale_mode=scale_mode)
     _check(problem, writer, "cpu", f"{writer} fp8 {scale_mode}")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("magnitude", [2.0 ** 17, 2.0 ** -30])
+def test_parity_fp8_query_beyond_float16(rng, device, magnitude):
+    """FP8 caches are attended in float16: a query far outside float16's range (overflow) or
+    below it (underflow) must give the answer of the same problem at unit scale, since the
+    kernels rescale each query row by a power of two (sm_scale undoes the magnitude)."""
+    base = interop.SparseAttentionSpec(8, 2, topk_blocks=4, kv_cache_dtype="fp8_e4m3")
+    spec = dataclasses.replace(base, sm_scale=base.scale / magnitude)
+    problem = random_problem(spec, [1, 1, 9], [300, 129, 209], rng, scatter=True)
+    query = (problem.query.astype(np.float32) * magnitude).astype(problem.query.dtype)
+    _check(dataclasses.replace(problem, query=query), "torch", device, f"fp8 x{magnitude}")
 
 
 @pytest.mark.gpu

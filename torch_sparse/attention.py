@@ -39,17 +39,19 @@ def _attend_block(acc, m_i, l_i, q, kv_ptr, k_scale_ptr, v_scale_ptr, page, bloc
 
     kv_ptr points at K[page, :, kv_head, :] (V is `stride_kv` further); the scale pointers at
     the KV head's row. Keys past `pos` and every key of an invalid entry are masked.
-    DOT_DTYPE is q's dtype when compiled; float32 under the interpreter, whose 16-bit float
-    dot would multiply bit patterns (the operands are rounded to q's dtype first either way).
+    q is in the compute dtype (the query's; float16 for an FP8 cache) and qk_scale is one
+    factor per row. DOT_DTYPE is q's dtype when compiled; float32 under the interpreter, whose
+    16-bit float dot would multiply bit patterns (operands are rounded to q's dtype first).
     """
     # Keys up to `pos` of a valid block (one comparison: the interpreter turns a scalar & vector
     # of bools into ints).
     key_mask = offs_n <= tl.where(valid, pos - block * BLOCK_SIZE, -1)
     tile = offs_n[:, None].to(tl.int64) * stride_tok + offs_d[None, :]
-    # FP8 values are exact in the 16-bit query dtype: dequantize by conversion, scale in fp32.
+    # FP8 values are exact in float16 (one conversion instruction per pair; to bfloat16 takes
+    # several): dequantize by conversion, scale in fp32.
     k = tl.load(kv_ptr + tile, mask=key_mask[:, None], other=0.0).to(q.dtype)
     v = tl.load(kv_ptr + stride_kv + tile, mask=key_mask[:, None], other=0.0).to(q.dtype)
-    scores = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE))) * qk_scale
+    scores = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE))) * qk_scale[:, None]
     slot = page.to(tl.int64) * BLOCK_SIZE + offs_n
     if HAS_K_SCALE:
         scores *= tl.load(k_scale_ptr + slot * ks_slot, mask=key_mask, other=0.0)[None, :]
@@ -81,7 +83,8 @@ def _sparse_attn_kernel(
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, NUM_SPLITS: tl.constexpr,
         CHUNK: tl.constexpr, DECODE_QUERY_LEN: tl.constexpr,
-        HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+        HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, FP16_COMPUTE: tl.constexpr,
+        DOT_DTYPE: tl.constexpr):
     """Grid (num_tokens, num_kv_heads, NUM_SPLITS).
 
     DECODE_QUERY_LEN > 0: token t is query j = t % L of request t // L, at position
@@ -110,6 +113,17 @@ def _sparse_attn_kernel(
     t64 = t.to(tl.int64)
     q = tl.load(q_ptr + t64 * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=head_mask[:, None], other=0.0)
+    row_scale = tl.full([GROUP_PAD], qk_scale, tl.float32)
+    if FP16_COMPUTE:
+        # FP8 cache: compute in float16, each query row scaled by (about) a power of two so
+        # its largest magnitude lies near 2^14: no overflow, bfloat16's 8 significant bits fit
+        # in float16's 11; the scores are scaled back.
+        qf = q.to(tl.float32)
+        amax = tl.max(tl.abs(qf), 1)
+        shift = tl.where(amax > 0, 14.0 - tl.floor(tl.log2(tl.where(amax > 0, amax, 1.0))), 0.0)
+        q_scale = tl.exp2(tl.minimum(tl.maximum(shift, -120.0), 100.0))
+        q = (qf * q_scale[:, None]).to(tl.float16)
+        row_scale = row_scale / q_scale
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -128,7 +142,7 @@ def _sparse_attn_kernel(
             acc, m_i, l_i, q, head_base + page.to(tl.int64) * stride_blk,
             k_scale_ptr + kv_head * ks_head, v_scale_ptr + kv_head * vs_head,
             page, block, pos, valid, offs_n, offs_d, stride_tok, stride_kv, ks_slot, vs_slot,
-            qk_scale, BLOCK_SIZE, HAS_K_SCALE, HAS_V_SCALE, DOT_DTYPE)
+            row_scale, BLOCK_SIZE, HAS_K_SCALE, HAS_V_SCALE, DOT_DTYPE)
 
     # No valid entry (l = 0): the output is zeros and the partial's log-sum-exp is -inf.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -229,6 +243,7 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
                           device=query.device)
         part_strides = part.stride()[:3]
         lse_strides = lse.stride()[:2]
+    fp8 = kv_cache.element_size() == 1
     ks, ks_head, ks_slot = _scale_args(k_scale, output)
     vs, vs_head, vs_slot = _scale_args(v_scale, output)
     _sparse_attn_kernel[(num_tokens, num_kv_heads, splits)](
@@ -244,7 +259,8 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
         BLOCK_SIZE=block_size, TOPK=width, NUM_SPLITS=splits, CHUNK=triton.cdiv(width, splits),
         DECODE_QUERY_LEN=decode_query_len, HAS_K_SCALE=k_scale is not None,
         HAS_V_SCALE=v_scale is not None,
-        DOT_DTYPE=tl.float32 if INTERPRETED else _TL_DTYPES[query.dtype],
+        FP16_COMPUTE=fp8,
+        DOT_DTYPE=tl.float32 if INTERPRETED else (tl.float16 if fp8 else _TL_DTYPES[query.dtype]),
         num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_kv_heads)](

@@ -1,0 +1,137 @@
+"""Measurements behind the tuning notes (issue 6): what limits each path.
+
+    python benchmarks/explore.py [sweep] [fp8] [prefill]   # default: all three
+    python benchmarks/explore.py ncu      # one prefill launch of each path (run under ncu)
+
+- sweep: JAX decode device time per call (calls unrolled inside one jitted function, as in a
+  JAX model step) for num_splits x num_warps, against PyTorch's CUDA-graph replay.
+- fp8: FP8 e4m3 against bf16 decode on both paths.
+- prefill: 16k-token prefill on both paths, bf16 and FP8.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402  (sets up sys.path and the JAX allocator)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+import interop  # noqa: E402
+
+
+def jax_loop_ms(f, q, *rest, n=10, reps=5):
+    """Device time per call of f(q, *rest): n calls unrolled inside one jitted function (as in
+    a JAX model step; no while-loop overhead), each call's q tied to the previous output by an
+    optimization barrier so none is hoisted or merged."""
+    import jax
+    from jax import lax
+
+    @jax.jit
+    def loop(q, *rest):
+        out = q
+        for _ in range(n):
+            qq, _ = lax.optimization_barrier((q, out))
+            out = f(qq, *rest).astype(q.dtype)
+        return out
+
+    loop(q, *rest).block_until_ready()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        loop(q, *rest).block_until_ready()
+        ts.append((time.perf_counter() - t0) * 1e3 / n)
+    return statistics.median(ts)
+
+
+def jax_decode_sweep(rng):
+    """JAX decode: device time per call for splits x warps, against PyTorch's graph replay."""
+    import jax_sparse
+    cases = [(64, 4, 1, (8, 16)), (64, 4, 16, (1, 2, 4)), (64, 4, 64, (1, 2)),
+             (16, 1, 64, (1, 2, 4))]
+    for cd in ("auto", "fp8_e4m3"):
+        for nh, nkv, b, splits_list in cases:
+            spec = interop.SparseAttentionSpec(nh, nkv, kv_cache_dtype=cd)
+            case = bench.Case(spec, [1] * b, [32768] * b, rng)
+            graph = triton.testing.do_bench_cudagraph(case.torch_fn(), return_mode="median")
+            res = []
+            for splits in (None, *splits_list):
+                for w in ((None,) if splits is None else (4, 8)):
+                    f = functools.partial(jax_sparse.sparse_attention, spec, num_splits=splits,
+                                          num_warps=w)
+                    t = jax_loop_ms(lambda q, c, tk, m: f(q, c, tk, m), case.j_q, case.j_cache,
+                                    case.j_topk, case.j_md)
+                    res.append(f"s{splits or 'default'}w{w or ''} {t*1e3:.1f}")
+            print(f"decode {nh}/{cd} {nkv} b{b}: torch graph {graph*1e3:.1f} us "
+                  f"({case.kv_bytes/(graph*1e-3)/1e12:.2f} TB/s) | jax in-jit us: "
+                  + ", ".join(res), flush=True)
+            del case
+            torch.cuda.empty_cache()
+
+
+def fp8_rows(rng):
+    """FP8 against bf16 decode (64/4), both paths: torch graph replay, JAX in-jit."""
+    import jax_sparse
+    for b in (64, 256):
+        times = {}
+        for cd in ("auto", "fp8_e4m3"):
+            spec = interop.SparseAttentionSpec(64, 4, kv_cache_dtype=cd)
+            case = bench.Case(spec, [1] * b, [32768] * b, rng)
+            tt = triton.testing.do_bench_cudagraph(case.torch_fn(), return_mode="median")
+            tj = jax_loop_ms(functools.partial(jax_sparse.sparse_attention, spec), case.j_q,
+                             case.j_cache, case.j_topk, case.j_md)
+            times[cd] = (tt, tj)
+            print(f"decode 64/4 {cd} b{b}: torch graph {tt*1e3:.0f} us, jax in-jit "
+                  f"{tj*1e3:.0f} us, err {case.check():.1e}", flush=True)
+            del case
+            torch.cuda.empty_cache()
+        print(f"fp8 speedup b{b}: torch {times['auto'][0]/times['fp8_e4m3'][0]:.2f}x, "
+              f"jax {times['auto'][1]/times['fp8_e4m3'][1]:.2f}x", flush=True)
+
+
+def prefill_rows(rng):
+    for nh, nkv in ((64, 4), (16, 1)):
+        for cd in ("auto", "fp8_e4m3"):
+            spec = interop.SparseAttentionSpec(nh, nkv, kv_cache_dtype=cd)
+            case = bench.Case(spec, [16384], [16384], rng, decode_query_len=16385)
+            err = case.check()
+            tt = triton.testing.do_bench(case.torch_fn(), return_mode="median")
+            tj = bench.jax_median_ms(case.jax_fn(), iters=10)
+            print(f"prefill {nh}/{nkv} {cd} 16k: torch {tt:.2f} ms "
+                  f"({case.flops/(tt*1e-3)/1e12:.0f} TFLOP/s), jax {tj:.2f} ms "
+                  f"({case.flops/(tj*1e-3)/1e12:.0f}), err {err:.1e}", flush=True)
+            del case
+            torch.cuda.empty_cache()
+
+
+def ncu_prefill(rng):
+    """One launch of each path's prefill kernel (64/4, 16k tokens) for ncu to profile."""
+    spec = interop.SparseAttentionSpec(64, 4)
+    case = bench.Case(spec, [16384], [16384], rng, decode_query_len=16385)
+    case.check()  # one call of each path
+    torch.cuda.synchronize()
+
+
+def main():
+    rng = np.random.default_rng(0)
+    if sys.argv[1:] == ["ncu"]:
+        ncu_prefill(rng)
+        return
+    print(f"device: {torch.cuda.get_device_name()}", flush=True)
+    parts = {"sweep": jax_decode_sweep, "fp8": fp8_rows, "prefill": prefill_rows}
+    for name in (sys.argv[1:] or parts):
+        part = parts[name]
+        try:
+            part(rng)
+        except Exception as e:  # noqa: BLE001 - one failed experiment must not hide the rest
+            print(f"{part.__name__}: {type(e).__name__}: {str(e)[:400]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
