@@ -5,7 +5,8 @@ Ownership and aliasing (zero-copy means both sides see one buffer):
   PyTorch tensor still owns it and must outlive every use from JAX. Writes made by PyTorch
   (for example `torch_sparse.write_kv`) are seen by the JAX array, because JAX never copies it;
   JAX itself never writes into an imported buffer (its arrays are immutable), so the JAX side
-  is read-only by construction.
+  is read-only by construction. The first `np.asarray(jax_array)` caches a host copy; on a GPU
+  that copy does not see later writes (read through a JAX operation instead).
 - `kv_cache_to_torch(jax_cache, spec)` gives a PyTorch view of JAX's buffer; JAX owns it. To keep
   a JAX-owned cache updated in place while PyTorch reads it, update it with
   `jax_sparse.write_kv` under `jax.jit(..., donate_argnums=...)`: XLA writes into the donated

@@ -58,7 +58,8 @@ def _load_page(cache_ref, page, kv: int, head, layout: str, mask):
         page_ref = cache_ref.at[page, kv, :, head, :]
     else:
         page_ref = cache_ref.at[page, kv, head, :, :]
-    return plgpu.load(page_ref, mask=jnp.broadcast_to(mask[:, None], page_ref.shape), other=0)
+    return plgpu.load(page_ref, mask=jnp.broadcast_to(mask[:, None], page_ref.shape),
+                      other=jnp.zeros((), page_ref.dtype))
 
 
 def _scale(scale_ref, head, slots):

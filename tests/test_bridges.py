@@ -44,8 +44,9 @@ def _check_cache_round_trip(kind, layout, dtype):
     interop.wait_for_writes(view)
     assert float(np.asarray(arr[1, 0, 5, 1, 0] if layout == "NHD" else arr[1, 0, 1, 5, 0]).astype(np.float32)) == 3.0
     assert float(interop.kv_cache_to_torch(arr, spec)[1, 0, 5, 1, 0].float()) == 3.0
-    # jax -> torch: the logical view over JAX's buffer.
-    owned = jnp.asarray(np.asarray(arr)) + 0
+    # jax -> torch: the logical view over JAX's buffer. (Computed on the device: np.asarray
+    # above cached a host copy of `arr` taken before the write, which a GPU array keeps.)
+    owned = jnp.array(arr, copy=True)
     back = interop.kv_cache_to_torch(owned, spec)
     assert back.data_ptr() == owned.unsafe_buffer_pointer(), (kind, layout, dtype)
     assert tuple(back.shape) == spec.kv_cache_shape(3)
