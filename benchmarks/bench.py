@@ -147,6 +147,12 @@ def vllm_version():
     return vllm.__version__
 
 
+def _save_partial(args, rows):
+    """Every row so far, so a run cut short still leaves its figures."""
+    with open(os.path.join(args.out, "bench_partial.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+
+
 def run(args):
     import jax
     rng = np.random.default_rng(0)
@@ -183,6 +189,7 @@ def run(args):
                         peer = PEER_DECODE_US.get((row["heads"], b)) if cd == "auto" and L == 1 else None
                         row["peer_us"] = peer
                         rows.append(row)
+                        _save_partial(args, rows)
                         log(f"decode {nh}/{nkv} {cd} L={L} batch {b}: torch {t_eager*1e3:.0f} us "
                             f"(graph {t_graph*1e3:.0f} us, {row['torch_graph_tbs']:.2f} TB/s), "
                             f"jax {t_jax*1e3:.0f} us, steady {t_jax_pipe*1e3:.0f} us "
@@ -212,6 +219,7 @@ def run(args):
                     row["peer_ms"] = (PEER_PREFILL_MS.get((row["heads"], ql[0]))
                                       if cd == "auto" and len(ql) == 1 else None)
                     rows.append(row)
+                    _save_partial(args, rows)
                     log(f"prefill {nh}/{nkv} {cd} {label}: torch {t_torch:.2f} ms "
                         f"({row['torch_tflops']:.0f} TFLOP/s), jax {t_jax:.2f} ms "
                         f"({row['jax_tflops']:.0f} TFLOP/s), err {err:.1e}")

@@ -30,7 +30,8 @@ from .selection import LOG2E, MASK_VALUE, key_mask, select_pages
 # 77 us, 8 splits 100 us per call).
 TARGET_PROGRAMS = 128
 # Decode-sized grids run faster with 8 warps (H100, batch 64: 102 us against 129 us with 4);
-# prefill-sized grids with 4 (64/4 heads, 16k tokens: 10.7 ms against 11.7 ms with 8).
+# prefill-sized grids with 4 (64/4 heads, 16k tokens: 10.7 ms against 11.7 ms with 8); FP8
+# caches with 4 at every size (64/4, batch 16: 46-49 us against 65-70 us with 8).
 WIDE_GRID = 1024
 MIN_ROWS = 16  # tensor-core dots need at least 16 rows: pad the GQA group up to this
 
@@ -173,7 +174,7 @@ def paged_sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indi
         block_size] float32 (per slot); FP8 caches only.
       num_splits: splits of each top-k row (a divisor of topk_blocks); default from shapes.
       num_warps / num_stages: Triton launch knobs (num_warps default: 8 for grids of at most
-        WIDE_GRID (token, KV head) pairs, else 4).
+        WIDE_GRID (token, KV head) pairs over a 16-bit cache, else 4).
       interpret: default: interpret everywhere but on a GPU.
     Returns: [num_tokens, num_heads, head_size] in the query dtype.
     """
@@ -187,7 +188,8 @@ def paged_sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indi
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     if num_warps is None:
-        num_warps = 8 if num_tokens * num_kv_heads <= WIDE_GRID else 4
+        fp8 = jnp.dtype(kv_cache.dtype).itemsize == 1
+        num_warps = 8 if num_tokens * num_kv_heads <= WIDE_GRID and not fp8 else 4
 
     q = query.reshape(num_tokens, num_kv_heads, group, head_size)
     if rows != group:
