@@ -21,6 +21,12 @@ NUMPY_DTYPES = {
 }
 
 
+def matching_query_dtype(cache_dtype: str) -> str:
+    """The query dtype tests pair with a cache dtype (a spec name or a storage name): float16
+    with a float16 cache, bfloat16 with every other."""
+    return "float16" if cache_dtype == "float16" else "bfloat16"
+
+
 def random_block_table(seq_lens, rng: np.random.Generator, *, block_size: int = 128,
                        spare_blocks: int = 3, max_blocks: int | None = None):
     """Distinct shuffled pages for every request; returns (block_table, num_blocks).

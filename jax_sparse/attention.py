@@ -101,7 +101,7 @@ def _attend_block(carry, q, page, mask, head, cache_ref, k_scale_ref, v_scale_re
 def _sparse_attention_kernel(q_ref, topk_ref, token_to_req_ref, positions_ref, block_table_ref,
                              cache_ref, k_scale_ref, v_scale_ref, out_ref, *lse_ref,
                              layout: str, block_size: int, blocks_per_split: int,
-                             score_scale: float):
+                             score_scale: float, fp16_compute: bool):
     """q_ref: [rows, D] (one token, one KV group); out_ref: [rows, D]; lse_ref: [rows]."""
     token, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_reqs, max_blocks = block_table_ref.shape
@@ -111,14 +111,14 @@ def _sparse_attention_kernel(q_ref, topk_ref, token_to_req_ref, positions_ref, b
     q = q_ref[...]
     rows, head_size = q.shape
     row_scale = jnp.full((rows,), score_scale, jnp.float32)
-    if jnp.dtype(cache_ref.dtype).itemsize == 1:
+    if fp16_compute:
         # FP8 cache: compute in float16 (FP8 -> float16 is one conversion instruction per
         # pair; -> bfloat16 takes several), each query row scaled by (about) a power of two so
         # its largest magnitude lies near 2^14: no overflow, bfloat16's 8 significant bits fit
         # in float16's 11; the scores are scaled back.
         qf = q.astype(jnp.float32)
         amax = jnp.abs(qf).max(axis=-1)
-        shift = jnp.where(amax > 0, 14.0 - jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 1.0))), 0.0)
+        shift = 14.0 - jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 16384.0)))  # zero row: 0
         q_scale = jnp.exp2(jnp.clip(shift, -120.0, 100.0))
         q = (qf * q_scale[:, None]).astype(jnp.float16)
         row_scale = row_scale / q_scale
@@ -187,8 +187,8 @@ def paged_sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indi
         raise ValueError(f"num_splits ({splits}) must divide topk_blocks ({topk})")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
+    fp8 = jnp.dtype(kv_cache.dtype).itemsize == 1
     if num_warps is None:
-        fp8 = jnp.dtype(kv_cache.dtype).itemsize == 1
         num_warps = 8 if num_tokens * num_kv_heads <= WIDE_GRID and not fp8 else 4
 
     q = query.reshape(num_tokens, num_kv_heads, group, head_size)
@@ -196,7 +196,7 @@ def paged_sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indi
         q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
     kernel = functools.partial(
         _sparse_attention_kernel, layout=spec.kv_cache_layout, block_size=spec.block_size,
-        blocks_per_split=topk // splits, score_scale=spec.scale * LOG2E)
+        blocks_per_split=topk // splits, score_scale=spec.scale * LOG2E, fp16_compute=fp8)
     row_block = (None, None, rows, head_size)
     if splits == 1:
         out_shape = [jax.ShapeDtypeStruct(q.shape, query.dtype)]

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import interop
-from interop.testing import NUMPY_DTYPES, random_problem
+from interop.testing import NUMPY_DTYPES, matching_query_dtype, random_problem
 
 torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
@@ -28,8 +28,7 @@ def _spec(layout, dtype):
 def _check_cache_round_trip(kind, layout, dtype):
     tdev, _ = _device(kind)
     spec = _spec(layout, dtype)
-    qdt = "float16" if dtype == "float16" else "bfloat16"
-    view = interop.allocate_torch_kv_cache(spec, 3, qdt, device=tdev)
+    view = interop.allocate_torch_kv_cache(spec, 3, matching_query_dtype(dtype), device=tdev)
     assert tuple(view.shape) == spec.kv_cache_shape(3)
     view.copy_(torch.randn(view.shape, device=tdev).to(view.dtype))
     # torch -> jax: the physical array over the same buffer.

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import interop
-from interop.testing import NUMPY_DTYPES, make_topk, random_problem, relative_error
+from interop.testing import (NUMPY_DTYPES, make_topk, matching_query_dtype, random_problem,
+                             relative_error)
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -50,8 +51,8 @@ def _problem(rng, cache="auto", layout="NHD", heads=(8, 2), topk=8, query_dtype=
              query_lens=QUERY_LENS, seq_lens=SEQ_LENS, **kw):
     spec = interop.SparseAttentionSpec(*heads, topk_blocks=topk, kv_cache_dtype=cache,
                                        kv_cache_layout=layout)
-    qdt = query_dtype or ("float16" if cache == "float16" else "bfloat16")
-    return random_problem(spec, query_lens, seq_lens, rng, query_dtype=qdt, **kw)
+    return random_problem(spec, query_lens, seq_lens, rng,
+                          query_dtype=query_dtype or matching_query_dtype(cache), **kw)
 
 
 # --- parity with the float64 reference -------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import interop
-from interop.testing import random_problem
+from interop.testing import matching_query_dtype, random_problem
 
 pytest.importorskip("torch")
 pytest.importorskip("jax")
@@ -31,9 +31,9 @@ def _check(problem, writer, device, label):
 def test_parity_cpu(rng, writer, cache, layout):
     spec = interop.SparseAttentionSpec(8, 2, topk_blocks=4, kv_cache_dtype=cache,
                                        kv_cache_layout=layout)
-    qdt = "float16" if cache == "float16" else "bfloat16"
-    problem = random_problem(spec, [1, 1, 9, 5], [300, 129, 209, 5], rng, query_dtype=qdt,
-                             scatter=True, future_fraction=0.3, empty_fraction=0.05)
+    problem = random_problem(spec, [1, 1, 9, 5], [300, 129, 209, 5], rng,
+                             query_dtype=matching_query_dtype(cache), scatter=True,
+                             future_fraction=0.3, empty_fraction=0.05)
     _check(problem, writer, "cpu", f"{writer} {cache} {layout}")
 
 
@@ -67,10 +67,9 @@ def test_parity_fp8_query_beyond_float16(rng, device, magnitude):
 def test_parity_gpu_m3_shapes(rng, writer, cache, layout):
     spec = interop.SparseAttentionSpec(64, 4, topk_blocks=16, kv_cache_dtype=cache,
                                        kv_cache_layout=layout)
-    qdt = "float16" if cache == "float16" else "bfloat16"
     problem = random_problem(spec, [1] * 6 + [160, 90], [32768, 9000, 129, 2000, 20000, 5, 160, 4400],
-                             rng, query_dtype=qdt, scatter=True, future_fraction=0.2,
-                             empty_fraction=0.01)
+                             rng, query_dtype=matching_query_dtype(cache), scatter=True,
+                             future_fraction=0.2, empty_fraction=0.01)
     _check(problem, writer, "gpu", f"gpu {writer} {cache} {layout}")
 
 

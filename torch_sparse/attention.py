@@ -120,7 +120,7 @@ def _sparse_attn_kernel(
         # in float16's 11; the scores are scaled back.
         qf = q.to(tl.float32)
         amax = tl.max(tl.abs(qf), 1)
-        shift = tl.where(amax > 0, 14.0 - tl.floor(tl.log2(tl.where(amax > 0, amax, 1.0))), 0.0)
+        shift = 14.0 - tl.floor(tl.log2(tl.where(amax > 0, amax, 16384.0)))  # zero row: 0
         q_scale = tl.exp2(tl.minimum(tl.maximum(shift, -120.0), 100.0))
         q = (qf * q_scale[:, None]).to(tl.float16)
         row_scale = row_scale / q_scale
