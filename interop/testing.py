@@ -51,30 +51,29 @@ def random_block_table(seq_lens, rng: np.random.Generator, *, block_size: int = 
 
 def make_topk(metadata: SparseMetadata, num_kv_heads: int, topk: int, rng: np.random.Generator,
               *, block_size: int = 128, scatter: bool = False, future_fraction: float = 0.0,
-              empty_fraction: float = 0.0) -> np.ndarray:
+              empty_fraction: float = 0.0, rho: float | None = None) -> np.ndarray:
     """An M3-like selection: [num_kv_heads, num_tokens, topk] int32.
 
-    Each row holds the token's own block, then distinct older blocks at random, padded with -1.
+    Each row holds the token's own block, then distinct older blocks, padded with -1.
+    rho: None draws the older blocks uniformly at random (no overlap between neighbours: the
+      worst case for tile unions). A float (0.87 reproduces the M3 indexer's overlap) makes
+      the selection correlated: a token keeps each of its predecessor's (same request, same KV
+      head) blocks other than its own with probability rho, and draws the rest at random
+      among the visible blocks not already in the row.
     scatter: shuffle every row, so sentinels stand anywhere, not only at the end.
     future_fraction: the share of -1 padding replaced by blocks the token may not see.
     empty_fraction: the share of rows left with no valid entry at all.
     """
     positions = np.asarray(metadata.token_positions, np.int64)
     num_tokens = positions.shape[0]
-    out = np.full((num_kv_heads, num_tokens, topk), -1, np.int32)
     own = np.where(positions >= 0, positions // block_size, -1)
-    width = int(own.max(initial=0)) + 1
-    chunk = max(1, (1 << 22) // width)
-    for g in range(num_kv_heads):
-        for t0 in range(0, num_tokens, chunk):
-            o = own[t0:t0 + chunk, None]
-            # Older blocks in random order: random keys, future and own blocks pushed last.
-            keys = rng.random((o.shape[0], width))
-            keys[np.arange(width)[None, :] >= o] = np.inf
-            older = np.argsort(keys, axis=1)[:, :topk - 1]
-            older = np.where(older < o, older, -1)
-            out[g, t0:t0 + chunk, 0] = o[:, 0]
-            out[g, t0:t0 + chunk, 1:1 + older.shape[1]] = older
+    if rho is None:
+        out = _random_topk(own, num_kv_heads, topk, rng)
+    else:
+        if not 0.0 <= rho <= 1.0:
+            raise ValueError(f"rho {rho!r} must lie in [0, 1]")
+        out = _correlated_topk(own, np.asarray(metadata.token_to_req, np.int64), num_kv_heads,
+                               topk, rho, rng)
     if future_fraction:
         pad = out == -1
         future = pad & (rng.random(out.shape) < future_fraction)
@@ -88,6 +87,78 @@ def make_topk(metadata: SparseMetadata, num_kv_heads: int, topk: int, rng: np.ra
             for t in range(num_tokens):
                 out[g, t] = rng.permutation(out[g, t])
     return out
+
+
+def _random_topk(own: np.ndarray, num_kv_heads: int, topk: int, rng: np.random.Generator):
+    """Own block first, then distinct older blocks in random order (-1 past the visible)."""
+    num_tokens = own.shape[0]
+    out = np.full((num_kv_heads, num_tokens, topk), -1, np.int32)
+    width = int(own.max(initial=0)) + 1
+    chunk = max(1, (1 << 22) // width)
+    for g in range(num_kv_heads):
+        for t0 in range(0, num_tokens, chunk):
+            o = own[t0:t0 + chunk, None]
+            # Older blocks in random order: random keys, future and own blocks pushed last.
+            keys = rng.random((o.shape[0], width))
+            keys[np.arange(width)[None, :] >= o] = np.inf
+            older = np.argsort(keys, axis=1)[:, :topk - 1]
+            older = np.where(older < o, older, -1)
+            out[g, t0:t0 + chunk, 0] = o[:, 0]
+            out[g, t0:t0 + chunk, 1:1 + older.shape[1]] = older
+    return out
+
+
+def _correlated_topk(own: np.ndarray, token_to_req: np.ndarray, num_kv_heads: int, topk: int,
+                     rho: float, rng: np.random.Generator):
+    """Rows that keep each predecessor block with probability rho (see `make_topk`)."""
+    num_tokens = own.shape[0]
+    out = np.full((num_kv_heads, num_tokens, topk), -1, np.int32)
+    prev = np.full((num_kv_heads, topk), -1, np.int64)
+    for t in range(num_tokens):
+        o = int(own[t])
+        if o < 0:
+            continue
+        if t == 0 or own[t - 1] < 0 or token_to_req[t - 1] != token_to_req[t]:
+            prev[:] = -1  # a request's first token has no predecessor
+        keep = (prev >= 0) & (prev != o) & (rng.random(prev.shape) < rho)
+        # Older blocks still free, in random order; the kept ones are pushed last.
+        keys = rng.random((num_kv_heads, o))
+        if o:
+            heads, kept = np.nonzero(keep)
+            keys[heads, prev[heads, kept]] = np.inf
+        fresh = np.argsort(keys, axis=1)
+        row = np.full((num_kv_heads, topk), -1, np.int64)
+        row[:, 0] = o
+        for g in range(num_kv_heads):
+            kept = prev[g, keep[g]][:topk - 1]
+            n_new = min(topk - 1 - kept.size, o - kept.size)
+            row[g, 1:1 + kept.size] = kept
+            row[g, 1 + kept.size:1 + kept.size + n_new] = fresh[g, :n_new]
+        out[:, t] = row
+        prev = row
+    return out
+
+
+def mean_tile_union(topk_indices: np.ndarray, metadata: SparseMetadata, *, tile: int = 8,
+                    block_size: int = 128) -> float:
+    """Mean number of distinct valid (request, block) entries over tiles of `tile` consecutive
+    tokens, per KV head: the blocks a token-tile union kernel loads per tile."""
+    from .metadata import valid_topk_mask
+    positions = np.asarray(metadata.token_positions, np.int64)
+    n = int(np.count_nonzero(positions >= 0))
+    if n == 0:
+        return 0.0
+    topk = np.asarray(topk_indices, np.int64)[:, :n]
+    valid = valid_topk_mask(topk, positions[:n], block_size)
+    req = np.asarray(metadata.token_to_req, np.int64)[:n]
+    width = int(topk.max(initial=0)) + 1
+    keys = np.where(valid, req[None, :, None] * width + topk, -1)
+    num_tiles = -(-n // tile)
+    keys = np.pad(keys, ((0, 0), (0, num_tiles * tile - n), (0, 0)), constant_values=-1)
+    keys = np.sort(keys.reshape(keys.shape[0], num_tiles, -1), axis=-1)
+    distinct = (keys >= 0) & np.concatenate(
+        [np.ones_like(keys[..., :1], bool), keys[..., 1:] != keys[..., :-1]], axis=-1)
+    return float(distinct.sum(-1).mean())
 
 
 @dataclasses.dataclass
