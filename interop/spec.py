@@ -34,8 +34,23 @@ KV_CACHE_STRIDE_ORDERS = {
 }
 
 
+# How prefill tokens are attended (contract, section 4); every value gives the same result.
+# "auto": the front end's dispatcher; "token": one program per (token, KV head); "union": tiles
+# of consecutive tokens over the union of their blocks; "k2q": key-to-query (one program per
+# selected block, streaming the queries that chose it) plus a log-sum-exp combine.
+PREFILL_ALGORITHMS = ("auto", "token", "union", "k2q")
+
+
 def _choices(values) -> str:
     return ", ".join(repr(v) for v in values)
+
+
+def check_prefill_algorithm(value) -> str:
+    """`value` if it names a prefill algorithm, else a ValueError listing the choices."""
+    if value not in PREFILL_ALGORITHMS:
+        raise ValueError(f"prefill_algorithm {value!r} is unknown; expected one of "
+                         f"{_choices(PREFILL_ALGORITHMS)}")
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
