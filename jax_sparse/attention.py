@@ -23,6 +23,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from interop import SparseAttentionSpec
 
+from .pages import cache_operand, load_page
 from .selection import LOG2E, MASK_VALUE, key_mask, select_pages
 
 # Grid programs worth filling before splitting the top-k blocks further (about one wave of
@@ -51,18 +52,6 @@ def default_num_splits(num_tokens: int, num_kv_heads: int, topk_blocks: int) -> 
     return splits
 
 
-def _load_page(cache_ref, page, kv: int, head, layout: str, mask):
-    """[block_size, head_size] of K (kv=0) or V (kv=1) of one KV head from one page; rows where
-    `mask` is False are not read (predicated off) and come back as zeros."""
-    kv = jnp.int32(kv)  # a Python int index trips the interpreter's indexer
-    if layout == "NHD":
-        page_ref = cache_ref.at[page, kv, :, head, :]
-    else:
-        page_ref = cache_ref.at[page, kv, head, :, :]
-    return plgpu.load(page_ref, mask=jnp.broadcast_to(mask[:, None], page_ref.shape),
-                      other=jnp.zeros((), page_ref.dtype))
-
-
 def _scale(scale_ref, head, slots):
     """The dequantization scale of a page's slots: [1, block_size] per slot, or one scalar."""
     if scale_ref.ndim == 2:
@@ -71,7 +60,7 @@ def _scale(scale_ref, head, slots):
 
 
 def _attend_block(carry, q, page, mask, head, cache_ref, k_scale_ref, v_scale_ref, *,
-                  layout: str, block_size: int, score_scale: float):
+                  layout: str, block_size: int, score_scale: float, packed_dtype=None):
     """One online-softmax step over one selected page: the step prefill and decode share.
 
     carry: (acc [rows, D] f32, m [rows] f32 running max (base 2), l [rows] f32 running sum).
@@ -81,7 +70,7 @@ def _attend_block(carry, q, page, mask, head, cache_ref, k_scale_ref, v_scale_re
     """
     acc, m, l = carry
     # Keys past the token (or of a masked page) may hold anything, NaN included: never read.
-    k = _load_page(cache_ref, page, 0, head, layout, mask).astype(q.dtype)
+    k = load_page(cache_ref, page, 0, head, layout, mask, packed_dtype).astype(q.dtype)
     scores = plgpu.dot(q, k, trans_b=True)  # [rows, block_size] f32
     slots = pl.ds(page * block_size, block_size)
     if k_scale_ref is not None:
@@ -93,7 +82,7 @@ def _attend_block(carry, q, page, mask, head, cache_ref, k_scale_ref, v_scale_re
     l = alpha * l + p.sum(axis=-1)
     if v_scale_ref is not None:
         p = p * _scale(v_scale_ref, head, slots)
-    v = _load_page(cache_ref, page, 1, head, layout, mask).astype(q.dtype)
+    v = load_page(cache_ref, page, 1, head, layout, mask, packed_dtype).astype(q.dtype)
     acc = alpha[:, None] * acc + plgpu.dot(p.astype(q.dtype), v)
     return acc, m_new, l
 
@@ -101,7 +90,7 @@ def _attend_block(carry, q, page, mask, head, cache_ref, k_scale_ref, v_scale_re
 def _sparse_attention_kernel(q_ref, topk_ref, token_to_req_ref, positions_ref, block_table_ref,
                              cache_ref, k_scale_ref, v_scale_ref, out_ref, *lse_ref,
                              layout: str, block_size: int, blocks_per_split: int,
-                             score_scale: float, fp16_compute: bool):
+                             score_scale: float, fp16_compute: bool, packed_dtype=None):
     """q_ref: [rows, D] (one token, one KV group); out_ref: [rows, D]; lse_ref: [rows]."""
     token, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     num_reqs, max_blocks = block_table_ref.shape
@@ -124,7 +113,8 @@ def _sparse_attention_kernel(q_ref, topk_ref, token_to_req_ref, positions_ref, b
         row_scale = row_scale / q_scale
     attend = functools.partial(_attend_block, q=q, head=head, cache_ref=cache_ref,
                                k_scale_ref=k_scale_ref, v_scale_ref=v_scale_ref, layout=layout,
-                               block_size=block_size, score_scale=row_scale)
+                               block_size=block_size, score_scale=row_scale,
+                               packed_dtype=packed_dtype)
 
     def body(i, carry):
         entry = topk_ref[head, token, split * blocks_per_split + i]
@@ -161,7 +151,8 @@ def paged_sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indi
                            token_to_req, token_positions, block_table, k_scale=None,
                            v_scale=None, *, num_splits: int | None = None,
                            num_warps: int | None = None,
-                           num_stages: int = 2, interpret: bool | None = None):
+                           num_stages: int = 2, interpret: bool | None = None,
+                           force_packed: bool = False):
     """Launch the kernel over a decode-first (or any) batch; inputs already validated.
 
     Args:
@@ -176,6 +167,8 @@ def paged_sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indi
       num_warps / num_stages: Triton launch knobs (num_warps default: 8 for grids of at most
         WIDE_GRID (token, KV head) pairs over a 16-bit cache, else 4).
       interpret: default: interpret everywhere but on a GPU.
+      force_packed: hand an FP8 cache to the kernel as uint16 pairs whatever its size (tests;
+        caches past 2^31 elements always go that way: see `pages.cache_operand`).
     Returns: [num_tokens, num_heads, head_size] in the query dtype.
     """
     num_tokens, num_heads, head_size = query.shape
@@ -194,9 +187,11 @@ def paged_sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indi
     q = query.reshape(num_tokens, num_kv_heads, group, head_size)
     if rows != group:
         q = jnp.pad(q, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    cache, packed_dtype = cache_operand(kv_cache, force_packed=force_packed)
     kernel = functools.partial(
         _sparse_attention_kernel, layout=spec.kv_cache_layout, block_size=spec.block_size,
-        blocks_per_split=topk // splits, score_scale=spec.scale * LOG2E, fp16_compute=fp8)
+        blocks_per_split=topk // splits, score_scale=spec.scale * LOG2E, fp16_compute=fp8,
+        packed_dtype=packed_dtype)
     row_block = (None, None, rows, head_size)
     if splits == 1:
         out_shape = [jax.ShapeDtypeStruct(q.shape, query.dtype)]
@@ -213,12 +208,12 @@ def paged_sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indi
         in_specs=[pl.BlockSpec(row_block, lambda t, g, s: (t, g, 0, 0)),
                   _whole(topk_indices.shape), _whole(token_to_req.shape),
                   _whole(token_positions.shape), _whole(block_table.shape),
-                  _whole(kv_cache.shape), *scale_specs],
+                  _whole(cache.shape), *scale_specs],
         out_specs=out_specs,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"sparse_attention_{spec.kv_cache_layout}_rows{rows}_splits{splits}",
-    )(q, topk_indices, token_to_req, token_positions, block_table, kv_cache, k_scale, v_scale)
+    )(q, topk_indices, token_to_req, token_positions, block_table, cache, k_scale, v_scale)
     out = outs[0] if splits == 1 else _merge_splits(*outs).astype(query.dtype)
     return out[:, :, :group].reshape(num_tokens, num_heads, head_size)

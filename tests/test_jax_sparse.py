@@ -94,6 +94,62 @@ def test_pallas_splits(rng, num_splits):
            f"num_splits={num_splits}")
 
 
+def _run_packed(problem, interpret=None):
+    """The Pallas kernel with the FP8 cache handed over as uint16 pairs (the path caches past
+    2^31 elements take), on a cache small enough for a test."""
+    md = interop.to_jax(problem.metadata)
+    k_scale, v_scale = _scales(problem)
+    k_scale, v_scale = (None if s is None else s.reshape(-1) if s.ndim < 2 else s
+                        for s in (k_scale, v_scale))
+    return jax_sparse.paged_sparse_attention(
+        problem.spec, jnp.asarray(problem.query), jnp.asarray(problem.kv_cache),
+        jnp.asarray(problem.topk_indices), md.token_to_req, md.token_positions, md.block_table,
+        k_scale, v_scale, force_packed=True, interpret=interpret)
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("cache, scale_mode", [("fp8_e4m3", "per_slot"), ("fp8_e5m2", "scalar")])
+def test_packed_fp8_cache(rng, layout, cache, scale_mode):
+    problem = _problem(rng, cache, layout, (16, 1), scale_mode=scale_mode, scatter=True,
+                       future_fraction=0.3, empty_fraction=0.1)
+    _check(_run_packed(problem), _reference(problem), f"packed {cache} {layout}")
+
+
+def test_needs_packing_only_past_32_bit_offsets():
+    from jax_sparse.pages import needs_packing
+    page = (2, 128, 4, 128)  # 2^17 elements a page at 64/4 heads
+    fp8 = jnp.float8_e4m3fn
+    assert not needs_packing((2**14, *page), fp8)            # 2^31 elements: offsets < 2^31
+    assert needs_packing((2**14 + 1, *page), fp8)            # past 2^31
+    assert needs_packing((3 * 2**14, *page), fp8)            # past 2^32 bytes as well
+    assert not needs_packing((3 * 2**14, *page), jnp.bfloat16)  # 2-byte: Pallas goes 64-bit
+
+
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("cache, packed", [
+    ("auto", False), ("float16", False), ("fp8_e4m3", False), ("fp8_e5m2", False),
+    ("fp8_e4m3", True), ("fp8_e5m2", True)])
+def test_pallas_lowers_for_cuda(layout, cache, packed):
+    """The kernel lowers through Pallas' Triton backend for CUDA (no GPU needed to check)."""
+    spec = interop.SparseAttentionSpec(64, 4, topk_blocks=16, kv_cache_dtype=cache,
+                                       kv_cache_layout=layout)
+    query_dtype = matching_query_dtype(cache)
+    storage = spec.cache_storage_dtype(query_dtype)
+    sds = jax.ShapeDtypeStruct
+    i32 = jnp.int32
+    scale = sds((4, 40 * 128), jnp.float32) if cache.startswith("fp8") else None
+    args = (sds((8, 64, 128), query_dtype), sds(spec.physical_kv_cache_shape(40), storage),
+            sds((4, 8, 16), i32), sds((8,), i32), sds((8,), i32), sds((2, 20), i32),
+            scale, scale)
+
+    def call(*a):
+        return jax_sparse.paged_sparse_attention(spec, *a, interpret=False,
+                                                 force_packed=packed)
+
+    text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text.lower(), "no Triton kernel in the CUDA lowering"
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_empty_rows_and_padding_give_zeros(rng, impl):
     problem = _problem(rng, num_tokens=48, empty_fraction=1.0)
@@ -412,6 +468,18 @@ def test_gpu_m3_shapes(rng, impl, layout, cache, heads):
                        scale_mode="per_slot" if cache != "auto" else "none", scatter=True,
                        future_fraction=0.2, empty_fraction=0.01)
     _check(_run(problem, impl), _reference(problem), f"gpu {impl} {cache} {layout} {heads}")
+
+
+@pytest.mark.gpu
+@jax_on_gpu
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("cache", ["fp8_e4m3", "fp8_e5m2"])
+def test_gpu_packed_fp8_cache(rng, layout, cache):
+    """The compiled uint16-pair path (caches past 2^31 elements) on a small cache."""
+    problem = _problem(rng, cache, layout, (64, 4), topk=16, query_lens=[1] * 4 + [150],
+                       seq_lens=[9000, 129, 2000, 300, 4400], scale_mode="per_slot",
+                       scatter=True, future_fraction=0.2)
+    _check(_run_packed(problem), _reference(problem), f"gpu packed {cache} {layout}")
 
 
 @pytest.mark.gpu
