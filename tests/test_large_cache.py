@@ -167,32 +167,33 @@ def test_large_cache(cache, num_pages, layout, owner):
         err = relative_error(np.asarray(out.astype(jnp.float32)), ref)
         assert err < TOL, f"jax {impl} {algorithm} {label}: relative error {err:.3g}"
 
-    _check_write_kv(spec, view, array, special, k_scale, v_scale, label)
+    # write_kv at slots on the mark pages, by each framework, read back through PyTorch.
+    slots = torch.tensor([p * 128 + o for p in special for o in (0, 77, 127)], device="cuda")
+    dtype = view.dtype
+    _check_write(lambda k, v: torch_sparse.write_kv(view, k, v, slots, spec, k_scale, v_scale)
+                 or view, spec, slots, k_scale, v_scale, dtype, f"torch write_kv {label}")
+    # JAX updates a donated cache in place, which it refuses while a PyTorch view of a buffer
+    # it owns is alive: drop every view first. (A buffer PyTorch owns is copied instead.)
+    del view, out
+    scales = [None if s is None else interop.to_jax(s) for s in (k_scale, v_scale)]
+
+    def jax_write(key, value):
+        new = jax_sparse.write_kv(array, interop.to_jax(key), interop.to_jax(value),
+                                  interop.to_jax(slots), spec, *scales)
+        return interop.kv_cache_to_torch(new, spec)
+
+    _check_write(jax_write, spec, slots, k_scale, v_scale, dtype, f"jax write_kv {label}")
 
 
-def _check_write_kv(spec, view, array, pages, k_scale, v_scale, label):
-    """Both writers store at slots on the mark pages; both frameworks read the values back."""
-    slots = torch.tensor([p * 128 + o for p in pages for o in (0, 77, 127)], device="cuda")
-    t = slots.numel()
-    key = torch.randn((t, spec.num_kv_heads, 128), device="cuda").to(torch.bfloat16)
+def _check_write(write, spec, slots, k_scale, v_scale, dtype, label):
+    """write(key, value) -> the logical view after the write; checks the stored values."""
+    key = torch.randn((slots.numel(), spec.num_kv_heads, 128), device="cuda").to(torch.bfloat16)
     value = torch.randn_like(key)
-    torch_sparse.write_kv(view, key, value, slots, spec, k_scale, v_scale)
+    view = write(key, value)
     torch.cuda.synchronize()
     for kv, new, scale in ((0, key, k_scale), (1, value, v_scale)):
         stored = view[slots // 128, kv, slots % 128].float()
-        assert torch.equal(stored, _quantized(new, scale, slots, view.dtype)), \
-            f"torch write_kv {'KV'[kv]} {label}"
-    # JAX writes new values at the same slots (into its own copy when the buffer came from
-    # PyTorch and cannot be donated); read them back through PyTorch.
-    key2, value2 = key.flip(0), value.flip(0)
-    scales = [None if s is None else interop.to_jax(s) for s in (k_scale, v_scale)]
-    array = jax_sparse.write_kv(array, interop.to_jax(key2), interop.to_jax(value2),
-                                interop.to_jax(slots), spec, *scales)
-    back = interop.kv_cache_to_torch(array, spec)
-    for kv, new, scale in ((0, key2, k_scale), (1, value2, v_scale)):
-        stored = back[slots // 128, kv, slots % 128].float()
-        assert torch.equal(stored, _quantized(new, scale, slots, view.dtype)), \
-            f"jax write_kv {'KV'[kv]} {label}"
+        assert torch.equal(stored, _quantized(new, scale, slots, dtype)), f"{label} {'KV'[kv]}"
 
 
 def _quantized(new, scale, slots, dtype):
