@@ -49,7 +49,7 @@ NUM_STAGES = 1  # no loop in the kernel to pipeline
 WORKSPACE_BYTES = 1 << 30
 # Plan bytes per (KV head, token, column) entry, temporaries of plan_k2q included (an upper
 # estimate: sort keys and values, the four pair arrays, masks and cumulative sums).
-PLAN_BYTES_PER_ENTRY = 64
+PLAN_BYTES_PER_ENTRY = 96
 
 
 class K2QPlan(NamedTuple):

@@ -114,10 +114,11 @@ def test_token_mask_subset(rng, with_out):
 
 
 @pytest.mark.parametrize("cache, scale_mode, layout, heads", [
-    ("fp8_e4m3", "none", "NHD", (8, 2)), ("fp8_e4m3", "scalar", "HND", (16, 1)),
+    ("fp8_e4m3", "none", "NHD", (12, 2)), ("fp8_e4m3", "scalar", "HND", (16, 1)),
     ("fp8_e4m3", "per_slot", "NHD", (16, 1)), ("fp8_e5m2", "scalar", "NHD", (8, 2)),
     ("fp8_e5m2", "per_slot", "HND", (16, 1))])
 def test_parity_fp8(rng, cache, scale_mode, layout, heads):
+    """FP8 caches (float16 compute), and a GQA group that is not a power of two (12/2)."""
     problem = _problem(rng, cache, layout, heads, scale_mode=scale_mode, scatter=True,
                        future_fraction=0.3, empty_fraction=0.1)
     _check(_run(problem), problem, f"{cache} scales={scale_mode} {layout} {heads}")
