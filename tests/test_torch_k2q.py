@@ -124,24 +124,25 @@ def test_empty_rows_and_whole_batch(rng, selection):
 
 
 def test_token_mask(rng):
-    """Only the masked-in rows are attended and written."""
-    problem = _problem(rng, _spec((16, 1)), rho=0.87, scatter=True)
+    """Only the masked-in rows are attended and written (a top-k width of 6: padded columns)."""
+    problem = _problem(rng, _spec((16, 1), topk=6), rho=0.87, scatter=True)
     mask = rng.random(problem.query.shape[0]) < 0.5
     out, first = _run(problem, token_mask=mask)
     _check(out, _reference(problem), _rows(problem, first, mask), "token_mask")
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_chunked(rng, monkeypatch, masked):
+@pytest.mark.parametrize("masked,partial_dtype", [(False, None), (True, torch.float32)])
+def test_chunked(rng, monkeypatch, masked, partial_dtype):
     """A workspace of a few tokens: many chunks, one plan and one combine each."""
     spec = _spec((8, 2), "fp8_e4m3", "HND")
     problem = _problem(rng, spec, scale_mode="per_slot", rho=0.87, future_fraction=0.2)
-    part_bytes = 2 * spec.topk_blocks * spec.num_heads * spec.head_size
+    part_bytes = 4 * spec.topk_blocks * spec.num_heads * spec.head_size
     monkeypatch.setattr(k2q, "WORKSPACE_BYTES", 7 * part_bytes)
-    assert k2q.tokens_per_chunk(2, 8, 128, spec.topk_blocks, 2) < 7
+    monkeypatch.setattr(k2q, "PARTIAL_DTYPE", partial_dtype)
+    assert k2q.tokens_per_chunk(2, 8, 128, spec.topk_blocks, 4) < 7
     mask = rng.random(problem.query.shape[0]) < 0.7 if masked else None
     out, first = _run(problem, token_mask=mask)
-    _check(out, _reference(problem), _rows(problem, first, mask), f"chunked masked={masked}")
+    _check(out, _reference(problem), _rows(problem, first, mask), f"chunked masked={masked} partials {partial_dtype}")
 
 
 def test_shared_pages_and_garbage_stay_inside_the_cache(rng):
@@ -258,7 +259,7 @@ def _compile_for_sm90():
                      block_table_ptr="*i32", token_to_req_ptr="*i32", positions_ptr="*i32",
                      mask_ptr="*i1", **dict.fromkeys(combine_ints, "i32"))
     constexprs = dict(GROUP=16, GROUP_PAD=16, HEAD_SIZE=128, BLOCK_SIZE=128, TOPK=16,
-                      HAS_MASK=True)
+                      TOPK_PAD=16, HAS_MASK=True)
     triton.compile(ASTSource(k2q._k2q_combine_kernel, signature, constexprs), target=target,
                    options=options)
     print("combine compiled")
