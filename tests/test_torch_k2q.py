@@ -101,9 +101,10 @@ def test_k2q_matches_reference(rng, cache, layout, scale_mode, qdtype, heads):
     assert not np.abs(out[-2:]).sum(), f"{case}: padding tokens must get zeros"
 
 
-@pytest.mark.parametrize("heads", GQA, ids=lambda h: f"{h[0]}q{h[1]}kv")
+@pytest.mark.parametrize("heads", GQA + [(12, 2)], ids=lambda h: f"{h[0]}q{h[1]}kv")
 def test_correlated_selection(rng, heads):
-    """M3-like overlap (rho 0.87): long segments, items of several full tiles."""
+    """M3-like overlap (rho 0.87): long segments, items of several full tiles; a group of 6
+    pads to 16 rows per token."""
     problem = _problem(rng, _spec(heads, topk=8), rho=0.87, future_fraction=0.2)
     out, first = _run(problem)
     _check(out, _reference(problem), _rows(problem, first), f"rho=0.87 heads={heads}")
@@ -258,10 +259,11 @@ def _compile_for_sm90():
     signature = dict(part_ptr="*bf16", lse_ptr="*fp32", out_ptr="*bf16", topk_ptr="*i32",
                      block_table_ptr="*i32", token_to_req_ptr="*i32", positions_ptr="*i32",
                      mask_ptr="*i1", **dict.fromkeys(combine_ints, "i32"))
-    constexprs = dict(GROUP=16, GROUP_PAD=16, HEAD_SIZE=128, BLOCK_SIZE=128, TOPK=16,
-                      TOPK_PAD=16, HAS_MASK=True)
-    triton.compile(ASTSource(k2q._k2q_combine_kernel, signature, constexprs), target=target,
-                   options=options)
+    for has_mask in (False, True):
+        constexprs = dict(GROUP=16, GROUP_PAD=16, HEAD_SIZE=128, BLOCK_SIZE=128, TOPK=16,
+                          TOPK_PAD=16, HAS_MASK=has_mask)
+        triton.compile(ASTSource(k2q._k2q_combine_kernel, signature, constexprs),
+                       target=target, options=options)
     print("combine compiled")
 
 
