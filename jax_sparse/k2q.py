@@ -128,8 +128,9 @@ def plan_k2q(topk_indices, token_to_req, token_positions, block_table, *, num_bl
     key, order = lax.sort((key, entry), num_keys=1, is_stable=True)
     token, column, limit = order // topk % n, order % topk, limit[order]
 
-    new_segment = jnp.concatenate([jnp.ones((1,), bool), key[1:] != key[:-1]])
-    segment_first = lax.cummax(jnp.where(new_segment, entry, 0))
+    # The first pair of each pair's segment: keys are sorted, so a binary search finds it
+    # (a cumulative max over millions of pairs is one long scan on a GPU).
+    segment_first = jnp.searchsorted(key, key, side="left").astype(jnp.int32)
     is_start = (key < sentinel) & ((entry - segment_first) % pairs_per_item == 0)
     max_items = max_k2q_items(num_kv_heads, n, topk, num_blocks, num_reqs, max_blocks,
                               pairs_per_item)
