@@ -1,35 +1,62 @@
-"""Benchmark both paths against the measured ceilings (and vLLM's kernels when importable).
+"""Benchmark both paths against the measured ceilings and the peer (vLLM's Triton kernels).
 
-    python benchmarks/bench.py --out bench_out            # the full sweep (H100: ~5 min)
-    python benchmarks/bench.py --quick --out bench_out    # a few rows
+    python benchmarks/bench.py --out bench_out              # decode + prefill (long: split it)
+    python benchmarks/bench.py --quick --out bench_out      # a few rows
+    python benchmarks/bench.py --only prefill --heads 64/4 --caches auto --out bench_out/p1
+    python benchmarks/bench.py --smoke --out /tmp/smoke     # tiny prefill rows on CPU, interpreters
+    python benchmarks/bench.py --merge bench_out/p1 bench_out/p2 --out bench_out   # one table
 
 Decode: one query token (or 2, speculative) per request, every request at 32k tokens; bytes =
-the K/V bytes of the selected blocks each (token, KV head) row reads. Prefill: useful FLOPs =
-4 * head_size * sum over (token, query head) of the keys it attends. Medians of CUDA-event
-timings (`triton.testing.do_bench`) for PyTorch, eager and as CUDA-graph replay for decode;
+the K/V bytes of the selected blocks each (token, KV head) row reads. Medians of CUDA-event
+timings (`triton.testing.do_bench`) for PyTorch, eager and as CUDA-graph replay;
 `block_until_ready` timings of one jitted call for JAX, and its steady state (calls queued
-back to back). Writes a table, `bench.json` (every
-figure and the device) and `decode_bandwidth.png`.
+back to back).
+
+Prefill (issue 10): one request of 16k or 64k tokens (no cached context), or 4 requests x 2048
+new tokens after 8192 cached; random (rho None) or correlated (rho 0.87) selections; for each,
+PyTorch and JAX with every `prefill_algorithm` and the peer's prefill kernel (bf16 and FP8
+caches; the peer gets its packed cache and valid-first rows, converted outside the timed
+region). Useful FLOPs = 4 * head_size * sum over (token, query head) of the keys it attends
+(validity and causality counted from the actual selection). L2 is cold for every timed call:
+`do_bench` (PyTorch, peer) zeroes 256 MB before each call; JAX calls are host-timed around
+`block_until_ready` after the same flush (host dispatch included: tens of us). Every path's
+output is checked on sampled rows against the per-token PyTorch kernel and the float64
+reference (outputs poisoned with NaN first: an unwritten row shows as inf).
+
+Writes `bench.json` (every figure and the device), `bench_partial.json` (rewritten after every
+figure, so a run cut short keeps what it measured), `bench.md` and `decode_bandwidth.png`.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import statistics
 import sys
 import time
+import types
 
+# --smoke runs tiny prefill rows on this CPU: the interpreters must be chosen before any import.
+SMOKE = "--smoke" in sys.argv
+if SMOKE:
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-# Run from a checkout without installing: the packages live one folder up.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run from a checkout without installing: the packages live one folder up; the peer's module
+# (tools/peer-setup.sh) in .peer beside them when present.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+if os.path.isdir(os.path.join(ROOT, ".peer")):
+    sys.path.append(os.path.join(ROOT, ".peer"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
 import interop  # noqa: E402
-from interop.testing import make_topk, random_block_table  # noqa: E402
+from interop.testing import (make_topk, mean_tile_union, random_block_table,  # noqa: E402
+                             relative_error)
 
 BS = 128
 
@@ -76,16 +103,23 @@ def jax_pipelined_ms(fn, n=50):
 
 
 class Case:
-    """One batch on the GPU, shared by both paths (the JAX side views the same cache)."""
+    """One batch on the device, shared by every path (the JAX side views the same cache).
 
-    def __init__(self, spec, query_lens, seq_lens, rng, decode_query_len=1):
+    rho: the selection's keep-probability (`interop.testing.make_topk`; None: random).
+    scales: (k_scale, v_scale) floats for an FP8 cache (scalar scales), or None.
+    device: "cuda", or "cpu" for --smoke (Triton interpreter, Pallas interpret mode).
+    """
+
+    def __init__(self, spec, query_lens, seq_lens, rng, decode_query_len=1, *, rho=None,
+                 scales=None, device="cuda"):
         import jax
         table, num_blocks = random_block_table(seq_lens, rng, block_size=BS, spare_blocks=1)
         md = interop.build_metadata(query_lens, seq_lens, table,
                                     decode_query_len=decode_query_len, num_blocks=num_blocks)
         self.spec, self.md = spec, md
-        topk = make_topk(md, spec.num_kv_heads, spec.topk_blocks, rng)
-        dev = torch.device("cuda")
+        topk = make_topk(md, spec.num_kv_heads, spec.topk_blocks, rng, rho=rho)
+        self.topk_np = topk
+        dev = torch.device(device)
         self.cache = interop.allocate_torch_kv_cache(spec, num_blocks, "bfloat16", device=dev)
         phys = self.cache.permute(*spec.kv_cache_stride_order())
         phys.copy_(torch.randn(phys.shape, device=dev, dtype=torch.bfloat16).to(phys.dtype))
@@ -98,7 +132,12 @@ class Case:
         self.j_cache = interop.kv_cache_to_jax(self.cache, spec)
         self.j_q = interop.to_jax(self.q)
         self.j_topk = interop.to_jax(self.topk)
-        self.j_md = interop.to_jax(md, jax.devices("gpu")[0])
+        self.j_md = interop.to_jax(md, jax.devices("gpu" if dev.type == "cuda" else "cpu")[0])
+        self.k_scale = self.v_scale = self.j_k_scale = self.j_v_scale = None
+        if scales is not None:
+            self.k_scale, self.v_scale = (torch.tensor(s, dtype=torch.float32, device=dev)
+                                          for s in scales)
+            self.j_k_scale, self.j_v_scale = map(interop.to_jax, (self.k_scale, self.v_scale))
         valid = interop.metadata.valid_topk_mask(topk, md.token_positions, BS)
         self.rows_blocks = int(valid.sum())  # selected (token, kv head, block) triples
         pos = md.token_positions[None, :, None]
@@ -107,16 +146,24 @@ class Case:
         self.kv_bytes = self.rows_blocks * BS * spec.head_size * 2 * self.cache.element_size()
         self.flops = 4 * spec.head_size * self.keys_attended
 
-    def torch_fn(self):
+    def torch_fn(self, prefill_algorithm=None):
+        """The public PyTorch call; prefill_algorithm None leaves the keyword out."""
         import torch_sparse
         spec, q, cache, topk, md, out = self.spec, self.q, self.cache, self.topk, self.t_md, self.out
-        return lambda: torch_sparse.sparse_attention(spec, q, cache, topk, md, out)
+        kw = dict(k_scale=self.k_scale, v_scale=self.v_scale)
+        if prefill_algorithm is not None:
+            kw["prefill_algorithm"] = prefill_algorithm
+        return lambda: torch_sparse.sparse_attention(spec, q, cache, topk, md, out, **kw)
 
-    def jax_fn(self):
+    def jax_fn(self, prefill_algorithm=None):
+        """The public JAX call (jitted inside); prefill_algorithm None leaves the keyword out."""
         import jax_sparse
-        f = jax_sparse.sparse_attention  # jitted inside
+        f = jax_sparse.sparse_attention
         spec, q, cache, topk, md = self.spec, self.j_q, self.j_cache, self.j_topk, self.j_md
-        return lambda: f(spec, q, cache, topk, md)
+        kw = dict(k_scale=self.j_k_scale, v_scale=self.j_v_scale)
+        if prefill_algorithm is not None:
+            kw["prefill_algorithm"] = prefill_algorithm
+        return lambda: f(spec, q, cache, topk, md, **kw)
 
     def check(self, samples=256):
         """Relative difference of the two paths on sampled tokens (guards against timing garbage)."""
@@ -128,37 +175,253 @@ class Case:
         return float(np.linalg.norm(t - j) / max(np.linalg.norm(t), 1e-30))
 
 
-# The peer (vLLM 0.33's Triton MiniMax-M3 kernels, bf16 cache, L=1) as ../shared/PERF.md
-# reports it on an H100 80GB: vllm is not installed on the device machine, so its kernels
-# cannot run beside ours; ratios against these figures hold only on that device.
+# The peer's decode (vLLM 0.33's Triton MiniMax-M3 kernels, bf16 cache, L=1) as
+# ../shared/PERF.md reports it on an H100 80GB; its prefill runs live in the prefill rows.
 PEER_DECODE_US = {("64/4", 1): 56, ("64/4", 16): 56, ("64/4", 64): 112, ("64/4", 256): 394,
                   ("16/1", 64): 45, ("16/1", 256): 112}
-PEER_PREFILL_MS = {("64/4", 4096): 1.77, ("64/4", 16384): 8.98, ("64/4", 65536): 39.0,
-                   ("16/1", 65536): 9.66}
 
 
 def vllm_version():
+    """vllm's version; the peer's module alone (.peer, no version) is named as such."""
     try:
         import vllm
     except ImportError:
         return None
-    return vllm.__version__
+    return getattr(vllm, "__version__", "peer kernels only (.peer)")
+
+
+# Prefill rows (issue 10). Shapes: name -> (query_lens, seq_lens); --smoke's are CPU-sized.
+PREFILL_SHAPES = {"16k": ([16384], [16384]), "64k": ([65536], [65536]),
+                  "4x2k+8k": ([2048] * 4, [10240] * 4)}
+SMOKE_SHAPES = {"1x136": ([136], [136]), "2x24+136": ([24] * 2, [160] * 2)}
+SELECTIONS = {"random": None, "rho0.87": 0.87}  # make_topk's rho
+FP8_SCALES = (0.75, 1.25)  # scalar k_scale, v_scale of the FP8 rows
+PREFILL_PATHS = tuple(f"{fw}:{alg}" for fw in ("torch", "jax")
+                      for alg in ("token", "union", "k2q", "auto")) + ("peer",)
+
+
+def _accepts(fn, name):
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def torch_cold_ms(fn, rep_ms):
+    """Median CUDA-event time; do_bench zeroes 256 MB before each call (cold L2)."""
+    return triton.testing.do_bench(fn, rep=rep_ms, return_mode="median")
+
+
+_L2_FLUSH = []
+
+
+def jax_cold_ms(fn, rep_ms, min_iters=5, max_iters=50):
+    """Median host time of one jitted call to `block_until_ready`, after zeroing 256 MB on the
+    device (cold L2, as do_bench does); includes JAX's host dispatch."""
+    if not _L2_FLUSH:
+        _L2_FLUSH.append(torch.empty(1 << 28, dtype=torch.int8, device="cuda"))
+    fn().block_until_ready()
+    ts, end = [], time.perf_counter() + rep_ms * 1e-3
+    while len(ts) < min_iters or (len(ts) < max_iters and time.perf_counter() < end):
+        _L2_FLUSH[0].zero_()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn().block_until_ready()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def peer_module():
+    try:
+        from vllm.models.minimax_m3.common.ops import sparse_attn
+    except ImportError:
+        return None
+    return sparse_attn
+
+
+def peer_prefill_fn(case):
+    """The peer's prefill call on this case, or a note saying why it cannot run.
+
+    Outside the timed region: the cache packed as the peer reads it, (num_blocks,
+    num_kv_heads, block_size, 2 * head_size) with K then V; rows reordered valid-first (the
+    peer walks only the first min(topk, visible blocks) entries of a row); its own output.
+    """
+    peer = peer_module()
+    if peer is None:
+        return None, "peer not importable (run tools/peer-setup.sh; PYTHONPATH=.peer)"
+    spec, md, cache = case.spec, case.md, case.cache
+    n = md.num_tokens
+    pos = case.t_md.token_positions[:n].long()
+    topk = case.topk[:, :n].long()
+    valid = (topk >= 0) & (topk <= (pos // BS)[None, :, None])
+    walked = torch.clamp(pos // BS + 1, max=topk.shape[-1])
+    if not torch.equal(valid.sum(-1), walked.expand_as(valid[..., 0])):
+        return None, "rows with fewer valid entries than visible blocks: the peer reads sentinels"
+    order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
+    p_topk = topk.gather(-1, order).to(torch.int32).contiguous()
+    nb, _, bs, kvh, d = cache.shape
+    packed = torch.empty((nb, kvh, bs, 2 * d), dtype=cache.dtype, device=cache.device)
+    raw = (lambda x: x.view(torch.uint8)) if cache.element_size() == 1 else (lambda x: x)
+    for i in (0, 1):  # K, V; FP8 copied as bytes
+        raw(packed)[..., i * d:(i + 1) * d].copy_(raw(cache[:, i].transpose(1, 2)))
+    pf = md.prefill
+    cu, seq, prefix, table = (torch.as_tensor(np.asarray(x), dtype=torch.int32, device=cache.device)
+                              for x in (pf.cu_seqlens_q, pf.seq_lens, pf.context_lens,
+                                        pf.block_table))
+    max_q = int(pf.max_query_len)
+    q, ks, vs = case.q, case.k_scale, case.v_scale
+    if SMOKE:  # the Triton interpreter misreads the peer's bf16 reshapes; float16 holds the data
+        q = q.half()
+        packed = packed.half() if packed.dtype == torch.bfloat16 else packed
+    out = torch.empty_like(q)
+
+    def call():
+        peer.minimax_m3_sparse_attn(q, packed, p_topk, table, cu, seq, prefix, max_q, kvh,
+                                    spec.scale, out, k_scale=ks, v_scale=vs)
+        return out
+    return (call, out), None
+
+
+def path_call(case, path):
+    """((call, torch output buffer or None), None) for one prefill path, or (None, note).
+
+    call() runs the path once and returns its full output. A front end without the
+    `prefill_algorithm` keyword yet runs "token" as its default call and skips the rest.
+    """
+    if path == "peer":
+        return peer_prefill_fn(case)
+    fw, alg = path.split(":")
+    if fw == "torch":
+        import torch_sparse
+        front, make = torch_sparse.sparse_attention, case.torch_fn
+    else:
+        import jax_sparse
+        front, make = jax_sparse.sparse_attention, case.jax_fn
+    if not _accepts(front, "prefill_algorithm"):
+        if alg != "token":
+            return None, f"{fw} front end has no prefill_algorithm keyword yet"
+        alg = None  # today's call: every prefill token on the per-token kernel
+    fn = make(alg)
+    if fw == "torch":
+        out = case.out
+        return (lambda: (fn(), out)[1], out), None
+    return (fn, None), None
+
+
+def sampled_reference(case, idx):
+    """float64 [len(idx), num_heads, head_size]: interop.reference_attention on sampled rows."""
+    md = case.md
+    rows = types.SimpleNamespace(token_positions=md.token_positions[idx],
+                                 token_to_req=md.token_to_req[idx], block_table=md.block_table)
+    scales = [None if s is None else float(s) for s in (case.k_scale, case.v_scale)]
+    q = case.q[torch.from_numpy(idx).to(case.q.device)]
+    return interop.reference_attention(case.spec, q, case.cache, case.topk_np[:, idx], rows,
+                                       *scales)
+
+
+def _sample(out, idx):
+    """The sampled rows of a path's output as NumPy (either framework)."""
+    if isinstance(out, torch.Tensor):
+        return out[torch.from_numpy(idx).to(out.device)].float().cpu().numpy()
+    return np.asarray(out[idx]).astype(np.float32)
+
+
+def prefill_case(args, spec, shape, selection, rng, rows):
+    """Time every selected path on one prefill batch; the row is saved after every figure."""
+    ql, sl = (SMOKE_SHAPES if args.smoke else PREFILL_SHAPES)[shape]
+    case = Case(spec, ql, sl, rng, decode_query_len=max(ql) + 1, rho=SELECTIONS[selection],
+                scales=FP8_SCALES if spec.is_fp8 else None, device=args.device)
+    n = case.md.num_tokens
+    idx = np.unique(np.linspace(0, n - 1, min(args.samples, n)).round().astype(np.int64))
+    row = dict(kind="prefill", heads=f"{spec.num_heads}/{spec.num_kv_heads}",
+               cache=spec.kv_cache_dtype, shape=shape, selection=selection, tokens=n,
+               context=sl[0] - ql[0], flops=case.flops,
+               union8=mean_tile_union(case.topk_np, case.md), sampled_rows=len(idx), paths={})
+    rows.append(row)
+    ref = sampled_reference(case, idx)
+    # The cross-check's baseline: the per-token PyTorch kernel on the same data.
+    (base_call, base_buf), note = path_call(case, "torch:token")
+    base_buf.fill_(float("nan"))
+    base = _sample(base_call(), idx)
+    row["token_vs_f64_err"] = relative_error(base, ref)
+    for path in args.paths:
+        res = row["paths"][path] = {}
+        made, note = path_call(case, path)
+        if made is None:
+            res["note"] = note
+            log(f"  {path}: skipped ({note})")
+            _save_partial(args, rows)
+            continue
+        call, buf = made
+        try:
+            if buf is not None:
+                buf.fill_(float("nan"))  # an unwritten row shows as inf below
+            t0 = time.perf_counter()
+            out = call()
+            if args.smoke:  # one interpreted call: its host time stands in for a figure
+                res["ms"] = (time.perf_counter() - t0) * 1e3
+            got = _sample(out, idx)
+            del out
+            res["err_vs_token"] = relative_error(got, base)
+            res["err_vs_f64"] = relative_error(got, ref)
+            if not args.smoke:
+                res["ms"] = (jax_cold_ms(call, args.rep_ms) if path.startswith("jax")
+                             else torch_cold_ms(call, args.rep_ms))
+            res["tflops"] = case.flops / (res["ms"] * 1e-3) / 1e12
+        except Exception as e:  # noqa: BLE001 - one failing path must not hide the others
+            res["note"] = f"{type(e).__name__}: {str(e)[:300]}"
+        _save_partial(args, rows)
+        log(f"  {path}: " + (f"{res['ms']:.3f} ms, {res['tflops']:.0f} TFLOP/s, err vs token "
+                             f"{res['err_vs_token']:.1e}" if "tflops" in res else res["note"]))
+    _prefill_ratios(row)
+    _save_partial(args, rows)
+    del case
+    if not args.smoke:
+        torch.cuda.empty_cache()
+
+
+def _prefill_ratios(row):
+    """Speed against the same framework's per-token path (the peer: PyTorch's) and the peer,
+    all from this run (> 1: faster)."""
+    ms = {p: r["ms"] for p, r in row["paths"].items() if "tflops" in r}
+    for path, res in row["paths"].items():
+        if path not in ms:
+            continue
+        token = ("torch" if path == "peer" else path.split(":")[0]) + ":token"
+        res["speedup_vs_token"] = ms[token] / ms[path] if token in ms else None
+        res["speedup_vs_peer"] = ms["peer"] / ms[path] if "peer" in ms else None
+
+
+def prefill_rows(args, rng, rows):
+    for heads in args.heads:
+        nh, nkv = map(int, heads.split("/"))
+        for cd in args.caches:
+            spec = interop.SparseAttentionSpec(nh, nkv, kv_cache_dtype=cd)
+            for shape in args.shapes:
+                for selection in args.selections:
+                    log(f"prefill {heads} {cd} {shape} {selection}:")
+                    prefill_case(args, spec, shape, selection, rng, rows)
 
 
 def _save_partial(args, rows):
     """Every row so far, so a run cut short still leaves its figures."""
     with open(os.path.join(args.out, "bench_partial.json"), "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump(dict(args.meta, rows=rows, partial=True), f, indent=1)
 
 
 def run(args):
     import jax
     rng = np.random.default_rng(0)
-    dev_name = torch.cuda.get_device_name()
+    dev_name = "CPU, interpreters (--smoke)" if args.smoke else torch.cuda.get_device_name()
     log(f"device: {dev_name}; torch {torch.__version__}, triton {triton.__version__}, "
         f"jax {jax.__version__}")
-    ceil = ceilings()
-    log(f"ceilings: copy {ceil['copy_tbs']:.2f} TB/s, bf16 matmul {ceil['matmul_bf16_tflops']:.0f} TFLOP/s")
+    ceil = None
+    if not args.smoke:
+        ceil = ceilings()
+        log(f"ceilings: copy {ceil['copy_tbs']:.2f} TB/s, bf16 matmul "
+            f"{ceil['matmul_bf16_tflops']:.0f} TFLOP/s")
+    args.meta = dict(device=dev_name, torch=torch.__version__, triton=triton.__version__,
+                     jax=jax.__version__, ceilings=ceil, vllm=vllm_version())
     rows = []
     heads_list = [(64, 4), (16, 1)]
     cache_dtypes = ["auto", "fp8_e4m3"]
@@ -195,49 +458,23 @@ def run(args):
                         del case
                         torch.cuda.empty_cache()
     if "prefill" in args.only:
-        sizes = [(4096, 0), (16384, 0), (65536, 0)] if not args.quick else [(16384, 0)]
-        batch_ctx = ([2048] * 4, [8192] * 4)
-        for nh, nkv in heads_list:
-            for cd in cache_dtypes:
-                shapes = [([n], [n]) for n, _ in sizes]
-                if not args.quick:
-                    shapes.append((batch_ctx[0], [q + c for q, c in zip(*batch_ctx)]))
-                for ql, sl in shapes:
-                    spec = interop.SparseAttentionSpec(nh, nkv, kv_cache_dtype=cd)
-                    case = Case(spec, ql, sl, rng, decode_query_len=max(ql) + 1)
-                    err = case.check()
-                    t_torch = triton.testing.do_bench(case.torch_fn(), return_mode="median")
-                    t_jax = jax_median_ms(case.jax_fn(), iters=10)
-                    label = f"{len(ql)}x{ql[0]}" + (f"+{sl[0]-ql[0]}ctx" if sl[0] > ql[0] else "")
-                    row = dict(kind="prefill", heads=f"{nh}/{nkv}", cache=cd, shape=label,
-                               tokens=sum(ql), flops=case.flops, torch_ms=t_torch, jax_ms=t_jax,
-                               torch_tflops=case.flops / (t_torch * 1e-3) / 1e12,
-                               jax_tflops=case.flops / (t_jax * 1e-3) / 1e12,
-                               torch_vs_jax_err=err)
-                    row["peer_ms"] = (PEER_PREFILL_MS.get((row["heads"], ql[0]))
-                                      if cd == "auto" and len(ql) == 1 else None)
-                    rows.append(row)
-                    _save_partial(args, rows)
-                    log(f"prefill {nh}/{nkv} {cd} {label}: torch {t_torch:.2f} ms "
-                        f"({row['torch_tflops']:.0f} TFLOP/s), jax {t_jax:.2f} ms "
-                        f"({row['jax_tflops']:.0f} TFLOP/s), err {err:.1e}")
-                    del case
-                    torch.cuda.empty_cache()
-    return dict(device=dev_name, torch=torch.__version__, triton=triton.__version__,
-                jax=jax.__version__, ceilings=ceil, vllm=vllm_version(), rows=rows)
+        prefill_rows(args, rng, rows)
+    return dict(args.meta, rows=rows)
 
 
 def table(result):
     c = result["ceilings"]
+    ceil_text = ("no ceilings (--smoke)" if c is None else
+                 f"measured ceilings: copy {c['copy_tbs']:.2f} TB/s, bf16 matmul "
+                 f"{c['matmul_bf16_tflops']:.0f} TFLOP/s")
     lines = [f"Device: {result['device']} (torch {result['torch']}, triton {result['triton']}, "
-             f"jax {result['jax']}); measured ceilings: copy {c['copy_tbs']:.2f} TB/s, "
-             f"bf16 matmul {c['matmul_bf16_tflops']:.0f} TFLOP/s; vllm: "
-             f"{result['vllm'] or 'not importable (peer = PERF.md figures, H100)'}", "",
-             "| decode | heads | cache | L | batch | torch eager | torch graph (TB/s, of copy) | jax call | jax steady (TB/s) | jax/torch speed: call/eager, steady/graph | peer / torch eager |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        if r["kind"] != "decode":
-            continue
+             f"jax {result['jax']}); {ceil_text}; vllm: "
+             f"{result['vllm'] or 'not importable (decode peer = PERF.md figures, H100)'}"]
+    decode = [r for r in result["rows"] if r["kind"] == "decode"]
+    if decode:
+        lines += ["", "| decode | heads | cache | L | batch | torch eager | torch graph (TB/s, of copy) | jax call | jax steady (TB/s) | jax/torch speed: call/eager, steady/graph | peer / torch eager |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in decode:
         lines.append(f"| | {r['heads']} | {r['cache']} | {r['query_len']} | {r['batch']} | "
                      f"{r['torch_ms']*1e3:.0f} us | {r['torch_graph_ms']*1e3:.0f} us "
                      f"({r['torch_graph_tbs']:.2f}, {r['torch_graph_tbs']/c['copy_tbs']:.0%}) | "
@@ -245,16 +482,53 @@ def table(result):
                      f"({r['jax_pipelined_tbs']:.2f}) | {r['torch_ms']/r['jax_ms']:.2f}, "
                      f"{r['torch_graph_ms']/r['jax_pipelined_ms']:.2f} | "
                      f"{_ratio(r['peer_us'], r['torch_ms']*1e3)} |")
-    lines += ["", "| prefill | heads | cache | shape | torch (TFLOP/s, of matmul) | jax (TFLOP/s) | jax speed / torch | peer / torch |",
-              "|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        if r["kind"] != "prefill":
-            continue
-        lines.append(f"| | {r['heads']} | {r['cache']} | {r['shape']} | {r['torch_ms']:.2f} ms "
-                     f"({r['torch_tflops']:.0f}, {r['torch_tflops']/c['matmul_bf16_tflops']:.0%}) | "
-                     f"{r['jax_ms']:.2f} ms ({r['jax_tflops']:.0f}) | {r['torch_ms']/r['jax_ms']:.2f} | "
-                     f"{_ratio(r['peer_ms'], r['torch_ms'])} |")
+    prefill = [r for r in result["rows"] if r["kind"] == "prefill"]
+    if prefill:
+        lines += ["", *prefill_tables(prefill, None if c is None else c["matmul_bf16_tflops"])]
     return "\n".join(lines)
+
+
+def _case_label(r):
+    return f"{r['heads']} | {r['cache']} | {r['shape']} | {r['selection']} | {r['union8']:.1f}"
+
+
+def prefill_tables(rows, matmul_tflops):
+    """A summary (useful TFLOP/s of every path per case) and one line per (case, path)."""
+    paths = [p for p in PREFILL_PATHS if any(p in r["paths"] for r in rows)]
+    lines = ["Prefill, useful TFLOP/s (cold L2; '-': not run, see the detail table). union8: "
+             "mean distinct blocks per 8-token tile and KV head.", "",
+             "| heads | cache | shape | selection | union8 | " + " | ".join(paths) + " |",
+             "|---|---|---|---|---|" + "---|" * len(paths)]
+    for r in rows:
+        cells = [f"{r['paths'][p]['tflops']:.0f}" if "tflops" in r["paths"].get(p, {}) else "-"
+                 for p in paths]
+        lines.append(f"| {_case_label(r)} | " + " | ".join(cells) + " |")
+    lines += ["", "Detail. x token: speed over the same framework's per-token path (the peer: "
+              "over PyTorch's); x peer: over the peer's prefill kernel; both from this run. "
+              "err: relative error on the sampled rows against the per-token PyTorch kernel "
+              "(its own line: against the float64 reference); '!' marks err > 1e-2.", "",
+              "| heads | cache | shape | selection | union8 | path | time | TFLOP/s (of matmul) "
+              "| x token | x peer | err |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for p in paths:
+            res = r["paths"].get(p)
+            if res is None:
+                continue
+            if "tflops" not in res:
+                lines.append(f"| {_case_label(r)} | {p} | - | {res.get('note', '')} | | | |")
+                continue
+            of = "" if matmul_tflops is None else f", {res['tflops'] / matmul_tflops:.0%}"
+            err = r["token_vs_f64_err"] if p == "torch:token" else res["err_vs_token"]
+            lines.append(
+                f"| {_case_label(r)} | {p} | {res['ms']:.3f} ms | {res['tflops']:.0f}{of} | "
+                f"{_fmt(res.get('speedup_vs_token'))} | {_fmt(res.get('speedup_vs_peer'))} | "
+                f"{err:.1e}{' !' if err > 1e-2 else ''} |")
+    return lines
+
+
+def _fmt(x):
+    return "-" if x is None else f"{x:.2f}"
 
 
 def _ratio(peer, ours):
@@ -270,13 +544,15 @@ def plot(result, path):
     except ImportError:
         log("matplotlib missing: no plot")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     groups = {}
     for r in result["rows"]:
         if r["kind"] == "decode" and r["query_len"] == 1:
             for path_name, key in (("torch graph", "torch_graph_tbs"),
                                    ("jax steady", "jax_pipelined_tbs")):
                 groups.setdefault((r["heads"], r["cache"], path_name), []).append((r["batch"], r[key]))
+    if not groups:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for (heads, cache, name), pts in sorted(groups.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
@@ -291,17 +567,66 @@ def plot(result, path):
     fig.savefig(path, dpi=120)
 
 
+def _list(text):
+    return [x for x in text.split(",") if x]
+
+
+def load_result(path):
+    """A result of this script: a folder's bench.json (else bench_partial.json), or a file."""
+    if os.path.isdir(path):
+        full = os.path.join(path, "bench.json")
+        path = full if os.path.exists(full) else os.path.join(path, "bench_partial.json")
+    with open(path) as f:
+        return json.load(f)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench_out")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--only", default="decode,prefill")
-    ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--quick", action="store_true",
+                    help="fewer rows: decode batches 1/64/256 at L=1; prefill 64/4, bf16, 16k "
+                         "and 4x2k+8k (each filter below still applies)")
+    ap.add_argument("--only", default="decode,prefill", help="sections: decode, prefill")
+    ap.add_argument("--context", type=int, default=32768, help="decode context (tokens)")
+    ap.add_argument("--heads", help="prefill heads, e.g. 64/4,16/1 (default: both)")
+    ap.add_argument("--caches", help="prefill cache dtypes: auto (bf16), fp8_e4m3 (default: both)")
+    ap.add_argument("--shapes", help=f"prefill shapes: {', '.join(PREFILL_SHAPES)} (default: all)")
+    ap.add_argument("--selections", help=f"{', '.join(SELECTIONS)} (default: both)")
+    ap.add_argument("--paths", default=",".join(PREFILL_PATHS),
+                    help="prefill paths (default: all): " + ", ".join(PREFILL_PATHS))
+    ap.add_argument("--samples", type=int, default=64,
+                    help="rows of each prefill output checked against the token path")
+    ap.add_argument("--rep-ms", type=int, default=300, help="timed span of each prefill figure")
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny prefill rows on CPU (Triton interpreter, Pallas interpret mode): "
+                         "tests the code path, measures nothing; default 16/1, both caches, "
+                         "2x24+136, rho0.87 (about 2 min); --shapes 1x136 adds a longer one")
+    ap.add_argument("--merge", nargs="+", metavar="RESULT",
+                    help="only write the tables of these results (folders or json files) together")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("the benchmark needs a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
-    result = run(args)
+    if args.merge:
+        parts = [load_result(p) for p in args.merge]
+        result = dict(parts[0], rows=[r for part in parts for r in part["rows"]])
+        result.pop("partial", None)
+    else:
+        defaults = dict(heads="64/4,16/1", caches="auto,fp8_e4m3", shapes=",".join(PREFILL_SHAPES),
+                        selections=",".join(SELECTIONS))
+        if args.quick:
+            defaults.update(heads="64/4", caches="auto", shapes="16k,4x2k+8k")
+        if args.smoke:
+            defaults.update(heads="16/1", shapes="2x24+136", selections="rho0.87")
+            args.only = "prefill"
+        for name, value in defaults.items():
+            setattr(args, name, _list(getattr(args, name) or value))
+        args.only, args.paths = _list(args.only), _list(args.paths)
+        unknown = [p for p in args.paths if p not in PREFILL_PATHS]
+        if unknown:
+            sys.exit(f"unknown paths {unknown}; expected some of {list(PREFILL_PATHS)}")
+        args.device = "cpu" if args.smoke else "cuda"
+        if not args.smoke and not torch.cuda.is_available():
+            sys.exit("the benchmark needs a CUDA GPU (or --smoke)")
+        result = run(args)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=1)
     text = table(result)
