@@ -8,9 +8,11 @@
 
 Decode: one query token (or 2, speculative) per request, every request at 32k tokens; bytes =
 the K/V bytes of the selected blocks each (token, KV head) row reads. Medians of CUDA-event
-timings (`triton.testing.do_bench`) for PyTorch, eager and as CUDA-graph replay;
-`block_until_ready` timings of one jitted call for JAX, and its steady state (calls queued
-back to back).
+timings (`triton.testing.do_bench`) for PyTorch, eager and as CUDA-graph replay (back to back:
+warm L2); `block_until_ready` timings of one jitted call for JAX, and its steady state (calls
+queued back to back). Beside them (issue 11), cold L2: CUDA-graph replay of the seed's decode
+call and of the peer's (`do_bench` on `graph.replay`, L2 flushed before each replay), their
+ratio, and the peer's difference from ours on sampled tokens.
 
 Prefill (issue 10): one request of 16k or 64k tokens (no cached context), or 4 requests x 2048
 new tokens after 8192 cached; random (rho None) or correlated (rho 0.87) selections; for each,
@@ -239,24 +241,23 @@ def peer_module():
     return sparse_attn
 
 
-def peer_prefill_fn(case):
-    """The peer's prefill call on this case, or a note saying why it cannot run.
+def peer_inputs(case):
+    """(packed cache, valid-first top-k, note): the case's data as the peer reads it, built
+    outside any timed region; (None, None, note) where the peer cannot run on it.
 
-    Outside the timed region: the cache packed as the peer reads it, (num_blocks,
-    num_kv_heads, block_size, 2 * head_size) with K then V; rows reordered valid-first (the
-    peer walks only the first min(topk, visible blocks) entries of a row); its own output.
+    The packed cache is (num_blocks, num_kv_heads, block_size, 2 * head_size), K then V; rows
+    are reordered valid-first because the peer walks only the first min(topk, visible
+    blocks) entries of a row (a row with fewer valid entries would make it read sentinels).
     """
-    peer = peer_module()
-    if peer is None:
-        return None, "peer not importable (run tools/peer-setup.sh; PYTHONPATH=.peer)"
-    spec, md, cache = case.spec, case.md, case.cache
-    n = md.num_tokens
+    if peer_module() is None:
+        return None, None, "peer not importable (run tools/peer-setup.sh; PYTHONPATH=.peer)"
+    cache, n = case.cache, case.md.num_tokens
     pos = case.t_md.token_positions[:n].long()
     topk = case.topk[:, :n].long()
     valid = (topk >= 0) & (topk <= (pos // BS)[None, :, None])
     walked = torch.clamp(pos // BS + 1, max=topk.shape[-1])
     if not torch.equal(valid.sum(-1), walked.expand_as(valid[..., 0])):
-        return None, "rows with fewer valid entries than visible blocks: the peer reads sentinels"
+        return None, None, "rows with fewer valid entries than visible blocks"
     order = torch.argsort((~valid).to(torch.int8), dim=-1, stable=True)
     p_topk = topk.gather(-1, order).to(torch.int32).contiguous()
     nb, _, bs, kvh, d = cache.shape
@@ -264,10 +265,22 @@ def peer_prefill_fn(case):
     raw = (lambda x: x.view(torch.uint8)) if cache.element_size() == 1 else (lambda x: x)
     for i in (0, 1):  # K, V; FP8 copied as bytes
         raw(packed)[..., i * d:(i + 1) * d].copy_(raw(cache[:, i].transpose(1, 2)))
-    pf = md.prefill
-    cu, seq, prefix, table = (torch.as_tensor(np.asarray(x), dtype=torch.int32, device=cache.device)
-                              for x in (pf.cu_seqlens_q, pf.seq_lens, pf.context_lens,
-                                        pf.block_table))
+    return packed, p_topk, None
+
+
+def _int32(x, device):
+    return torch.as_tensor(np.asarray(x), dtype=torch.int32, device=device)
+
+
+def peer_prefill_fn(case):
+    """((call, output), None): the peer's prefill call on this case; (None, note) if it
+    cannot run. call() returns the peer's own output buffer."""
+    packed, p_topk, note = peer_inputs(case)
+    if note:
+        return None, note
+    peer, spec, pf, dev = peer_module(), case.spec, case.md.prefill, case.cache.device
+    cu, seq, prefix, table = (_int32(x, dev) for x in (pf.cu_seqlens_q, pf.seq_lens,
+                                                       pf.context_lens, pf.block_table))
     max_q = int(pf.max_query_len)
     q, ks, vs = case.q, case.k_scale, case.v_scale
     if SMOKE:  # the Triton interpreter misreads the peer's bf16 reshapes; float16 holds the data
@@ -276,10 +289,50 @@ def peer_prefill_fn(case):
     out = torch.empty_like(q)
 
     def call():
-        peer.minimax_m3_sparse_attn(q, packed, p_topk, table, cu, seq, prefix, max_q, kvh,
-                                    spec.scale, out, k_scale=ks, v_scale=vs)
+        peer.minimax_m3_sparse_attn(q, packed, p_topk, table, cu, seq, prefix, max_q,
+                                    spec.num_kv_heads, spec.scale, out, k_scale=ks, v_scale=vs)
         return out
     return (call, out), None
+
+
+def graph_cold_ms(fn):
+    """Median time of one CUDA-graph replay of fn, L2 flushed before each (do_bench)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compiles) off the capture
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, return_mode="median")
+
+
+def decode_cold(case, query_len, samples=256):
+    """Decode figures beside the existing ones (issue 11): the seed's decode call
+    (`torch_sparse.minimax_m3_sparse_attn_decode`) and the peer's, each as CUDA-graph replay
+    with L2 flushed before every replay, and the peer's relative difference from ours on
+    sampled tokens. Missing peer: its fields hold None and peer_note says why."""
+    import torch_sparse
+    spec, dec, dev = case.spec, case.md.decode, case.cache.device
+    table, seq = _int32(dec.block_table, dev), _int32(dec.seq_lens, dev)
+    out = torch.empty_like(case.q)
+    ours = graph_cold_ms(lambda: torch_sparse.minimax_m3_sparse_attn_decode(
+        case.q, case.cache, case.topk, table, seq, spec.num_kv_heads, spec.scale, out,
+        query_len))
+    res = dict(torch_graph_cold_ms=ours, peer_graph_cold_ms=None, peer_vs_torch_err=None)
+    packed, p_topk, note = peer_inputs(case)
+    if note:
+        res["peer_note"] = note
+        return res
+    p_out = torch.empty_like(case.q)
+    p_out.fill_(float("nan"))
+    res["peer_graph_cold_ms"] = graph_cold_ms(lambda: peer_module().minimax_m3_sparse_attn_decode(
+        case.q, packed, p_topk, table, seq, spec.num_kv_heads, spec.scale, p_out, query_len))
+    idx = np.unique(np.linspace(0, case.q.shape[0] - 1, samples).astype(np.int64))
+    res["peer_vs_torch_err"] = relative_error(_sample(p_out, idx), _sample(out, idx))
+    return res
 
 
 def path_call(case, path):
@@ -445,8 +498,11 @@ def run(args):
                                    query_len=L, context=ctx, bytes=case.kv_bytes,
                                    torch_ms=t_eager, torch_graph_ms=t_graph, jax_ms=t_jax,
                                    jax_pipelined_ms=t_jax_pipe, torch_vs_jax_err=err)
-                        for k in ("torch", "torch_graph", "jax", "jax_pipelined"):
-                            row[f"{k}_tbs"] = case.kv_bytes / (row[f"{k}_ms"] * 1e-3) / 1e12
+                        row.update(decode_cold(case, L))
+                        for k in ("torch", "torch_graph", "jax", "jax_pipelined",
+                                  "torch_graph_cold", "peer_graph_cold"):
+                            t = row[f"{k}_ms"]
+                            row[f"{k}_tbs"] = None if t is None else case.kv_bytes / (t * 1e-3) / 1e12
                         peer = PEER_DECODE_US.get((row["heads"], b)) if cd == "auto" and L == 1 else None
                         row["peer_us"] = peer
                         rows.append(row)
@@ -454,7 +510,9 @@ def run(args):
                         log(f"decode {nh}/{nkv} {cd} L={L} batch {b}: torch {t_eager*1e3:.0f} us "
                             f"(graph {t_graph*1e3:.0f} us, {row['torch_graph_tbs']:.2f} TB/s), "
                             f"jax {t_jax*1e3:.0f} us, steady {t_jax_pipe*1e3:.0f} us "
-                            f"({row['jax_pipelined_tbs']:.2f} TB/s), err {err:.1e}")
+                            f"({row['jax_pipelined_tbs']:.2f} TB/s), err {err:.1e}; "
+                            f"cold-L2 graphs: seed call {row['torch_graph_cold_ms']*1e3:.1f} us, "
+                            f"peer {_us(row['peer_graph_cold_ms'])}")
                         del case
                         torch.cuda.empty_cache()
     if "prefill" in args.only:
@@ -472,8 +530,12 @@ def table(result):
              f"{result['vllm'] or 'not importable (decode peer = PERF.md figures, H100)'}"]
     decode = [r for r in result["rows"] if r["kind"] == "decode"]
     if decode:
-        lines += ["", "| decode | heads | cache | L | batch | torch eager | torch graph (TB/s, of copy) | jax call | jax steady (TB/s) | jax/torch speed: call/eager, steady/graph | peer / torch eager |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "Decode. Cold-L2 graph: CUDA-graph replay of the seed's decode call "
+                  "(peer: its own), L2 flushed before each replay; x peer: speed over the peer "
+                  "in this run; err: the peer against ours on sampled tokens. The other "
+                  "columns replay back to back (warm L2) or time eager calls.", "",
+                  "| decode | heads | cache | L | batch | torch eager | torch graph (TB/s, of copy) | jax call | jax steady (TB/s) | jax/torch speed: call/eager, steady/graph | peer / torch eager (PERF.md) | torch cold-L2 graph (TB/s) | peer cold-L2 graph (TB/s) | x peer | err |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in decode:
         lines.append(f"| | {r['heads']} | {r['cache']} | {r['query_len']} | {r['batch']} | "
                      f"{r['torch_ms']*1e3:.0f} us | {r['torch_graph_ms']*1e3:.0f} us "
@@ -481,8 +543,11 @@ def table(result):
                      f"{r['jax_ms']*1e3:.0f} us | {r['jax_pipelined_ms']*1e3:.0f} us "
                      f"({r['jax_pipelined_tbs']:.2f}) | {r['torch_ms']/r['jax_ms']:.2f}, "
                      f"{r['torch_graph_ms']/r['jax_pipelined_ms']:.2f} | "
-                     f"{_ratio(r['peer_us'], r['torch_ms']*1e3)} |")
-    prefill = [r for r in result["rows"] if r["kind"] == "prefill"]
+                     f"{_ratio(r['peer_us'], r['torch_ms']*1e3)} | "
+                     f"{_us_tbs(r, 'torch_graph_cold')} | {_us_tbs(r, 'peer_graph_cold')} | "
+                     f"{_fmt(_speed(r.get('peer_graph_cold_ms'), r.get('torch_graph_cold_ms')))} | "
+                     f"{_fmt(r.get('peer_vs_torch_err'), '.1e')} |")
+    prefill = [r for r in result["rows"] if r["kind"] == "prefill" and "paths" in r]  # this format
     if prefill:
         lines += ["", *prefill_tables(prefill, None if c is None else c["matmul_bf16_tflops"])]
     return "\n".join(lines)
@@ -527,8 +592,22 @@ def prefill_tables(rows, matmul_tflops):
     return lines
 
 
-def _fmt(x):
-    return "-" if x is None else f"{x:.2f}"
+def _fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def _speed(theirs_ms, ours_ms):
+    return None if theirs_ms is None or ours_ms is None else theirs_ms / ours_ms
+
+
+def _us(ms):
+    return "-" if ms is None else f"{ms * 1e3:.1f} us"
+
+
+def _us_tbs(row, key):
+    """'12.9 us (1.57)': a decode time and its TB/s, '-' where the row lacks it."""
+    ms = row.get(f"{key}_ms")
+    return "-" if ms is None else f"{_us(ms)} ({row[f'{key}_tbs']:.2f})"
 
 
 def _ratio(peer, ours):
