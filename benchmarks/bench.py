@@ -393,34 +393,18 @@ def prefill_case(args, spec, shape, selection, rng, rows):
     rows.append(row)
     ref = sampled_reference(case, idx)
     # The cross-check's baseline: the per-token PyTorch kernel on the same data.
-    (base_call, base_buf), note = path_call(case, "torch:token")
+    (base_call, base_buf), _ = path_call(case, "torch:token")
     base_buf.fill_(float("nan"))
     base = _sample(base_call(), idx)
     row["token_vs_f64_err"] = relative_error(base, ref)
     for path in args.paths:
         res = row["paths"][path] = {}
-        made, note = path_call(case, path)
-        if made is None:
-            res["note"] = note
-            log(f"  {path}: skipped ({note})")
-            _save_partial(args, rows)
-            continue
-        call, buf = made
         try:
-            if buf is not None:
-                buf.fill_(float("nan"))  # an unwritten row shows as inf below
-            t0 = time.perf_counter()
-            out = call()
-            if args.smoke:  # one interpreted call: its host time stands in for a figure
-                res["ms"] = (time.perf_counter() - t0) * 1e3
-            got = _sample(out, idx)
-            del out
-            res["err_vs_token"] = relative_error(got, base)
-            res["err_vs_f64"] = relative_error(got, ref)
-            if not args.smoke:
-                res["ms"] = (jax_cold_ms(call, args.rep_ms) if path.startswith("jax")
-                             else torch_cold_ms(call, args.rep_ms))
-            res["tflops"] = case.flops / (res["ms"] * 1e-3) / 1e12
+            made, note = path_call(case, path)
+            if made is None:
+                res["note"] = note
+            else:
+                _measure_path(args, case, path, made, idx, base, ref, res)
         except Exception as e:  # noqa: BLE001 - one failing path must not hide the others
             res["note"] = f"{type(e).__name__}: {str(e)[:300]}"
         _save_partial(args, rows)
@@ -431,6 +415,26 @@ def prefill_case(args, spec, shape, selection, rng, rows):
     del case
     if not args.smoke:
         torch.cuda.empty_cache()
+
+
+def _measure_path(args, case, path, made, idx, base, ref, res):
+    """Cross-check one path on the sampled rows (base: the token path's, ref: float64), then
+    time it; fills res."""
+    call, buf = made
+    if buf is not None:
+        buf.fill_(float("nan"))  # an unwritten row shows as inf below
+    t0 = time.perf_counter()
+    out = call()
+    if args.smoke:  # one interpreted call: its host time stands in for a figure
+        res["ms"] = (time.perf_counter() - t0) * 1e3
+    got = _sample(out, idx)
+    del out
+    res["err_vs_token"] = relative_error(got, base)
+    res["err_vs_f64"] = relative_error(got, ref)
+    if not args.smoke:
+        res["ms"] = (jax_cold_ms(call, args.rep_ms) if path.startswith("jax")
+                     else torch_cold_ms(call, args.rep_ms))
+    res["tflops"] = case.flops / (res["ms"] * 1e-3) / 1e12
 
 
 def _prefill_ratios(row):
