@@ -30,32 +30,90 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
+def selected_pages(topk: torch.Tensor, block_table: torch.Tensor, token_to_req: torch.Tensor,
+                   token_positions: torch.Tensor, num_blocks: int, block_size: int,
+                   token_mask: torch.Tensor | None = None):
+    """The entry-validation rule in PyTorch ops (the kernels' `_visible_blocks` + `_entry_page`).
+
+    topk: [num_kv_heads, n, topk] logical blocks of tokens with token_to_req / token_positions
+    [n]; block_table: [num_reqs, max_blocks]; token_mask: optional bool [n] (False: the token
+    selects nothing). Returns (valid, block, page), each [num_kv_heads, n, topk]: valid (bool)
+    when the token is live (position >= 0, request in range), 0 <= block <= position //
+    block_size, block < max_blocks and its page lies in [0, num_blocks); block and page are
+    int64, 0 where invalid.
+    """
+    num_reqs, max_blocks = block_table.shape
+    req = token_to_req.long()
+    pos = token_positions.long()
+    live = (pos >= 0) & (req >= 0) & (req < num_reqs)
+    if token_mask is not None:
+        live &= token_mask
+    limit = torch.where(live, torch.clamp(pos // block_size + 1, max=max_blocks), 0)
+    block = topk.long()
+    valid = (block >= 0) & (block < limit[None, :, None])
+    block = torch.where(valid, block, 0)
+    page = block_table[torch.where(live, req, 0)[None, :, None], block].long()
+    valid &= (page >= 0) & (page < num_blocks)
+    return valid, block, torch.where(valid, page, 0)
+
+
 @triton.jit
-def _attend_block(acc, m_i, l_i, q, kv_ptr, k_scale_ptr, v_scale_ptr, page, block, pos, valid,
-                  offs_n, offs_d, stride_tok, stride_kv, ks_slot, vs_slot, qk_scale,
+def _visible_blocks(req, pos, num_reqs, max_blocks, BLOCK_SIZE: tl.constexpr):
+    """(request row, blocks the token may see in it): a token is live when pos >= 0 and
+    0 <= req < num_reqs; a dead token sees no block (and reads row 0)."""
+    live = (pos >= 0) & (req >= 0) & (req < num_reqs)
+    limit = tl.minimum(tl.where(live, pos // BLOCK_SIZE + 1, 0), max_blocks)
+    return tl.where(live, req, 0).to(tl.int64), limit
+
+
+@triton.jit
+def _entry_page(block, limit, req, block_table_ptr, stride_bt, num_blocks):
+    """(valid, block, page) of a top-k entry: valid when 0 <= block < limit and the page the
+    block table gives lies inside the cache; block and page are 0 where invalid (the table is
+    read only for an entry inside the row)."""
+    valid = (block >= 0) & (block < limit)
+    block = tl.where(valid, block, 0)
+    page = tl.load(block_table_ptr + req * stride_bt + block, mask=valid, other=0)
+    valid = valid & (page >= 0) & (page < num_blocks)
+    return valid, block, tl.where(valid, page, 0)
+
+
+@triton.jit
+def _fp16_rows(q, qk_scale):
+    """FP8 caches compute in float16: scale each query row by (about) a power of two so its
+    largest magnitude lies near 2^14 (no overflow; bfloat16's 8 significant bits fit in
+    float16's 11). Returns (float16 rows, per-row score scale qk_scale / row scale)."""
+    qf = q.to(tl.float32)
+    amax = tl.max(tl.abs(qf), 1)
+    shift = 14.0 - tl.floor(tl.log2(tl.where(amax > 0, amax, 16384.0)))  # zero row: 0
+    q_scale = tl.exp2(tl.minimum(tl.maximum(shift, -120.0), 100.0))
+    return (qf * q_scale[:, None]).to(tl.float16), qk_scale / q_scale
+
+
+@triton.jit
+def _attend_block(acc, m_i, l_i, q, kv_ptr, k_scale_ptr, v_scale_ptr, page, load_mask,
+                  score_mask, offs_n, offs_d, stride_tok, stride_kv, ks_slot, vs_slot, qk_scale,
                   BLOCK_SIZE: tl.constexpr, HAS_K_SCALE: tl.constexpr,
                   HAS_V_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Online-softmax update of (acc, m_i, l_i) with one selected block.
+    """Online-softmax update of (acc, m_i, l_i) [rows, ...] with one selected block.
 
     kv_ptr points at K[page, :, kv_head, :] (V is `stride_kv` further); the scale pointers at
-    the KV head's row. Keys past `pos` and every key of an invalid entry are masked.
+    the KV head's row. load_mask [BLOCK_SIZE]: the keys any row attends (no other key is
+    read); score_mask [1 or rows, BLOCK_SIZE]: the keys each row attends (inside load_mask).
     q is in the compute dtype (the query's; float16 for an FP8 cache) and qk_scale is one
     factor per row. DOT_DTYPE is q's dtype when compiled; float32 under the interpreter, whose
     16-bit float dot would multiply bit patterns (operands are rounded to q's dtype first).
     """
-    # Keys up to `pos` of a valid block (one comparison: the interpreter turns a scalar & vector
-    # of bools into ints).
-    key_mask = offs_n <= tl.where(valid, pos - block * BLOCK_SIZE, -1)
     tile = offs_n[:, None].to(tl.int64) * stride_tok + offs_d[None, :]
     # FP8 values are exact in float16 (one conversion instruction per pair; to bfloat16 takes
     # several): dequantize by conversion, scale in fp32.
-    k = tl.load(kv_ptr + tile, mask=key_mask[:, None], other=0.0).to(q.dtype)
-    v = tl.load(kv_ptr + stride_kv + tile, mask=key_mask[:, None], other=0.0).to(q.dtype)
+    k = tl.load(kv_ptr + tile, mask=load_mask[:, None], other=0.0).to(q.dtype)
+    v = tl.load(kv_ptr + stride_kv + tile, mask=load_mask[:, None], other=0.0).to(q.dtype)
     scores = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE))) * qk_scale[:, None]
     slot = page.to(tl.int64) * BLOCK_SIZE + offs_n
     if HAS_K_SCALE:
-        scores *= tl.load(k_scale_ptr + slot * ks_slot, mask=key_mask, other=0.0)[None, :]
-    scores = tl.where(key_mask[None, :], scores, float("-inf"))
+        scores *= tl.load(k_scale_ptr + slot * ks_slot, mask=load_mask, other=0.0)[None, :]
+    scores = tl.where(score_mask, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     # A row that has seen no key yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -63,7 +121,7 @@ def _attend_block(acc, m_i, l_i, q, kv_ptr, k_scale_ptr, v_scale_ptr, page, bloc
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_V_SCALE:
-        p *= tl.load(v_scale_ptr + slot * vs_slot, mask=key_mask, other=0.0)[None, :]
+        p *= tl.load(v_scale_ptr + slot * vs_slot, mask=load_mask, other=0.0)[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE))
     return acc, m_new, l_i
 
@@ -71,7 +129,7 @@ def _attend_block(acc, m_i, l_i, q, kv_ptr, k_scale_ptr, v_scale_ptr, page, bloc
 @triton.jit
 def _sparse_attn_kernel(
         q_ptr, cache_ptr, topk_ptr, block_table_ptr, token_to_req_ptr, positions_ptr,
-        out_ptr, lse_ptr, k_scale_ptr, v_scale_ptr,
+        token_mask_ptr, out_ptr, lse_ptr, k_scale_ptr, v_scale_ptr,
         num_reqs, num_blocks, max_blocks, qk_scale,
         stride_qt, stride_qh,
         stride_blk, stride_kv, stride_tok, stride_head,
@@ -82,88 +140,87 @@ def _sparse_attn_kernel(
         ks_head, ks_slot, vs_head, vs_slot,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        CHUNK: tl.constexpr, DECODE_QUERY_LEN: tl.constexpr,
+        CHUNK: tl.constexpr, DECODE_QUERY_LEN: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr,
         HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, FP16_COMPUTE: tl.constexpr,
         DOT_DTYPE: tl.constexpr):
     """Grid (num_tokens, num_kv_heads, NUM_SPLITS).
 
     DECODE_QUERY_LEN > 0: token t is query j = t % L of request t // L, at position
     seq_lens[r] - L + j (token_to_req_ptr holds seq_lens). 0: token_to_req / positions say it.
+    HAS_TOKEN_MASK: a token whose mask entry is 0 is skipped (nothing read or written).
     NUM_SPLITS == 1 writes the output; otherwise out_ptr / lse_ptr are fp32 partials.
     """
     t = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if DECODE_QUERY_LEN > 0:
-        req = t // DECODE_QUERY_LEN
-        pos = tl.load(token_to_req_ptr + req) - DECODE_QUERY_LEN + t % DECODE_QUERY_LEN
+    if HAS_TOKEN_MASK:
+        chosen = tl.load(token_mask_ptr + t) != 0
     else:
-        req = tl.load(token_to_req_ptr + t)
-        pos = tl.load(positions_ptr + t)
-    live = (pos >= 0) & (req >= 0) & (req < num_reqs)
-    req = tl.where(live, req, 0).to(tl.int64)
-    # Blocks this token may see, and that exist in its block-table row.
-    limit = tl.minimum(tl.where(live, pos // BLOCK_SIZE + 1, 0), max_blocks)
+        chosen = tl.full([], 1, tl.int1)  # a constant: the branch below folds away
+    if chosen:
+        if DECODE_QUERY_LEN > 0:
+            req = t // DECODE_QUERY_LEN
+            pos = tl.load(token_to_req_ptr + req) - DECODE_QUERY_LEN + t % DECODE_QUERY_LEN
+        else:
+            req = tl.load(token_to_req_ptr + t)
+            pos = tl.load(positions_ptr + t)
+        req, limit = _visible_blocks(req, pos, num_reqs, max_blocks, BLOCK_SIZE)
 
-    offs_h = tl.arange(0, GROUP_PAD)
-    offs_d = tl.arange(0, HEAD_SIZE)
-    offs_n = tl.arange(0, BLOCK_SIZE)
-    head = kv_head * GROUP + offs_h
-    head_mask = offs_h < GROUP
-    t64 = t.to(tl.int64)
-    q = tl.load(q_ptr + t64 * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=head_mask[:, None], other=0.0)
-    row_scale = tl.full([GROUP_PAD], qk_scale, tl.float32)
-    if FP16_COMPUTE:
-        # FP8 cache: compute in float16, each query row scaled by (about) a power of two so
-        # its largest magnitude lies near 2^14: no overflow, bfloat16's 8 significant bits fit
-        # in float16's 11; the scores are scaled back.
-        qf = q.to(tl.float32)
-        amax = tl.max(tl.abs(qf), 1)
-        shift = 14.0 - tl.floor(tl.log2(tl.where(amax > 0, amax, 16384.0)))  # zero row: 0
-        q_scale = tl.exp2(tl.minimum(tl.maximum(shift, -120.0), 100.0))
-        q = (qf * q_scale[:, None]).to(tl.float16)
-        row_scale = row_scale / q_scale
+        offs_h = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, HEAD_SIZE)
+        offs_n = tl.arange(0, BLOCK_SIZE)
+        head = kv_head * GROUP + offs_h
+        head_mask = offs_h < GROUP
+        t64 = t.to(tl.int64)
+        q = tl.load(q_ptr + t64 * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                    mask=head_mask[:, None], other=0.0)
+        row_scale = tl.full([GROUP_PAD], qk_scale, tl.float32)
+        if FP16_COMPUTE:
+            q, row_scale = _fp16_rows(q, row_scale)
 
-    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_SIZE], tl.float32)
-    row = topk_ptr + kv_head.to(tl.int64) * stride_kg + t64 * stride_kt
-    head_base = cache_ptr + kv_head.to(tl.int64) * stride_head
-    for i in range(CHUNK):
-        j = split * CHUNK + i
-        block = tl.load(row + j * stride_kk, mask=j < TOPK, other=-1)
-        valid = (block >= 0) & (block < limit)
-        block = tl.where(valid, block, 0)
-        page = tl.load(block_table_ptr + req * stride_bt + block, mask=valid, other=0)
-        valid = valid & (page >= 0) & (page < num_blocks)
-        page = tl.where(valid, page, 0)
-        acc, m_i, l_i = _attend_block(
-            acc, m_i, l_i, q, head_base + page.to(tl.int64) * stride_blk,
-            k_scale_ptr + kv_head * ks_head, v_scale_ptr + kv_head * vs_head,
-            page, block, pos, valid, offs_n, offs_d, stride_tok, stride_kv, ks_slot, vs_slot,
-            row_scale, BLOCK_SIZE, HAS_K_SCALE, HAS_V_SCALE, DOT_DTYPE)
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_SIZE], tl.float32)
+        row = topk_ptr + kv_head.to(tl.int64) * stride_kg + t64 * stride_kt
+        head_base = cache_ptr + kv_head.to(tl.int64) * stride_head
+        for i in range(CHUNK):
+            j = split * CHUNK + i
+            valid, block, page = _entry_page(
+                tl.load(row + j * stride_kk, mask=j < TOPK, other=-1), limit, req,
+                block_table_ptr, stride_bt, num_blocks)
+            # Keys up to `pos` of a valid block (one comparison: the interpreter turns a
+            # scalar & vector of bools into ints).
+            key_mask = offs_n <= tl.where(valid, pos - block * BLOCK_SIZE, -1)
+            acc, m_i, l_i = _attend_block(
+                acc, m_i, l_i, q, head_base + page.to(tl.int64) * stride_blk,
+                k_scale_ptr + kv_head * ks_head, v_scale_ptr + kv_head * vs_head, page,
+                key_mask, key_mask[None, :], offs_n, offs_d, stride_tok, stride_kv, ks_slot,
+                vs_slot, row_scale, BLOCK_SIZE, HAS_K_SCALE, HAS_V_SCALE, DOT_DTYPE)
 
-    # No valid entry (l = 0): the output is zeros and the partial's log-sum-exp is -inf.
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    tl.store(out_ptr + split * stride_os + t64 * stride_ot + head[:, None] * stride_oh
-             + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
-    if NUM_SPLITS > 1:
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(lse_ptr + split * stride_ls + t64 * stride_lt + head, lse, mask=head_mask)
+        # No valid entry (l = 0): the output is zeros and the partial's log-sum-exp is -inf.
+        l_safe = tl.where(l_i > 0, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        tl.store(out_ptr + split * stride_os + t64 * stride_ot + head[:, None] * stride_oh
+                 + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+        if NUM_SPLITS > 1:
+            lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+            tl.store(lse_ptr + split * stride_ls + t64 * stride_lt + head, lse, mask=head_mask)
 
 
 @triton.jit
-def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr,
+def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, token_mask_ptr,
                          stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
                          stride_ot, stride_oh,
                          GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr):
-    """Grid (num_tokens, num_kv_heads): out = sum_s 2^(lse_s - lse) * part_s per query head."""
+                         NUM_SPLITS: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr):
+    """Grid (num_tokens, num_kv_heads): out = sum_s 2^(lse_s - lse) * part_s per query head
+    (HAS_TOKEN_MASK: tokens whose mask entry is 0 are not written)."""
     t = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1) * GROUP + tl.arange(0, GROUP_PAD)
-    head_mask = tl.arange(0, GROUP_PAD) < GROUP
+    rows = GROUP
+    if HAS_TOKEN_MASK:
+        rows = tl.where(tl.load(token_mask_ptr + t) != 0, GROUP, 0)
+    head_mask = tl.arange(0, GROUP_PAD) < rows
     offs_d = tl.arange(0, HEAD_SIZE)
     lse_row = lse_ptr + t * stride_lt + head
     part_rows = part_ptr + t * stride_pt + head[:, None] * stride_ph + offs_d[None, :]
@@ -208,6 +265,7 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
                             seq_lens: torch.Tensor | None = None, decode_query_len: int = 0,
                             k_scale: torch.Tensor | None = None,
                             v_scale: torch.Tensor | None = None,
+                            token_mask: torch.Tensor | None = None,
                             num_splits: int | None = None, num_warps: int = NUM_WARPS,
                             num_stages: int = NUM_STAGES) -> None:
     """Run the kernels on inputs the front end has validated; writes `output` in place.
@@ -217,7 +275,9 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
     topk: [num_kv_heads, >= num_tokens, topk]; block_table: [num_reqs, max_blocks].
     Token map: either token_to_req / token_positions ([num_tokens]) or, for a uniform decode,
     seq_lens ([num_reqs]) with decode_query_len >= 1. k_scale / v_scale: None, a 0-d or
-    [num_kv_heads, num_blocks * block_size] float32 tensor (FP8 caches only).
+    [num_kv_heads, num_blocks * block_size] float32 tensor (FP8 caches only). token_mask:
+    optional bool [num_tokens]: only its True rows are attended and written (the dispatcher
+    leaves the others to other paths).
     """
     num_tokens, num_heads, head_size = query.shape
     num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
@@ -247,7 +307,8 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
     ks, ks_head, ks_slot = _scale_args(k_scale, output)
     vs, vs_head, vs_slot = _scale_args(v_scale, output)
     _sparse_attn_kernel[(num_tokens, num_kv_heads, splits)](
-        query, kv_cache, topk, block_table, token_to_req, token_positions, part, lse, ks, vs,
+        query, kv_cache, topk, block_table, token_to_req, token_positions,
+        output if token_mask is None else token_mask, part, lse, ks, vs,
         num_reqs, num_blocks, block_table.shape[1], sm_scale * LOG2_E,
         query.stride(0), query.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
@@ -257,13 +318,15 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
         ks_head, ks_slot, vs_head, vs_slot,
         GROUP=group, GROUP_PAD=group_pad, HEAD_SIZE=head_size,
         BLOCK_SIZE=block_size, TOPK=width, NUM_SPLITS=splits, CHUNK=triton.cdiv(width, splits),
-        DECODE_QUERY_LEN=decode_query_len, HAS_K_SCALE=k_scale is not None,
+        DECODE_QUERY_LEN=decode_query_len, HAS_TOKEN_MASK=token_mask is not None,
+        HAS_K_SCALE=k_scale is not None,
         HAS_V_SCALE=v_scale is not None,
         FP16_COMPUTE=fp8,
         DOT_DTYPE=tl.float32 if INTERPRETED else (tl.float16 if fp8 else _TL_DTYPES[query.dtype]),
         num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _merge_splits_kernel[(num_tokens, num_kv_heads)](
-            part, lse, output, *part_strides, *lse_strides, output.stride(0), output.stride(1),
+            part, lse, output, output if token_mask is None else token_mask, *part_strides,
+            *lse_strides, output.stride(0), output.stride(1),
             GROUP=group, GROUP_PAD=group_pad, HEAD_SIZE=head_size, NUM_SPLITS=splits,
-            num_warps=num_warps)
+            HAS_TOKEN_MASK=token_mask is not None, num_warps=num_warps)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from interop import (CACHE_DTYPES, FP8_MAX, QUERY_DTYPES, SUPPORTED_BLOCK_SIZES,
-                     SUPPORTED_HEAD_SIZES, SparseAttentionSpec, SparseMetadata)
+                     SUPPORTED_HEAD_SIZES, SparseAttentionSpec, SparseMetadata,
+                     check_prefill_algorithm)
 
 from . import ops
 from .reference import prefill_token_map
@@ -131,7 +132,8 @@ def _check_attention(q, kv_cache, topk, block_table, num_kv_heads, sm_scale, out
 
 def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq_lens,
                            prefix_lens, max_query_len, num_kv_heads, sm_scale, output,
-                           k_scale=None, v_scale=None, *, impl: str | None = None) -> None:
+                           k_scale=None, v_scale=None, *, impl: str | None = None,
+                           prefill_algorithm: str = "auto") -> None:
     """Block-sparse GQA attention of a prefill batch (the seed's call); writes `output`.
 
     q / output: [total_q, num_heads, head_size] bf16/fp16; kv_cache: logical view
@@ -140,8 +142,10 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
     cu_seqlens_q: [num_reqs + 1] query offsets from 0; seq_lens / prefix_lens: [num_reqs]
     (prefix = tokens cached before this step); max_query_len: unused (kept for the seed's
     signature: the grid runs over tokens). k_scale / v_scale: None, a float or a tensor
-    (scalar or [num_kv_heads, num_blocks * block_size]), FP8 caches only.
+    (scalar or [num_kv_heads, num_blocks * block_size]), FP8 caches only. prefill_algorithm:
+    one of interop.PREFILL_ALGORITHMS, as in `sparse_attention`.
     """
+    check_prefill_algorithm(prefill_algorithm)
     k_scale, v_scale = _check_attention(q, kv_cache, topk_idx, block_table, num_kv_heads,
                                         sm_scale, output, k_scale, v_scale)
     num_reqs = block_table.shape[0]
@@ -152,7 +156,8 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
         _check_length(name, x, length, "block_table's rows (+1 for offsets)")
     token_to_req, positions = prefill_token_map(cu_seqlens_q, prefix_lens, q.shape[0])
     ops.call_sparse_attn(q, kv_cache, topk_idx, block_table, token_to_req, positions, output,
-                    float(sm_scale), k_scale, v_scale, ops.check_impl(impl, q.device))
+                         float(sm_scale), k_scale, v_scale, ops.check_impl(impl, q.device),
+                         prefill_algorithm, 0)
 
 
 def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, num_kv_heads,
@@ -183,14 +188,18 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, 
 
 def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
                      metadata: SparseMetadata, output=None, *, k_scale=None, v_scale=None,
-                     impl: str | None = None) -> torch.Tensor:
-    """A mixed decode-first batch in one launch; returns `output` (allocated when None).
+                     impl: str | None = None, prefill_algorithm: str = "auto") -> torch.Tensor:
+    """A mixed decode-first batch in one call; returns `output` (allocated when None).
 
     query: [num_tokens, num_heads, head_size]; kv_cache: the logical view in the spec's cache
     dtype; topk_indices: [num_kv_heads, >= num_tokens, topk_blocks] int32; metadata: the
     PyTorch flavour (`interop.to_torch(build_metadata(...), device)`), whose token_to_req /
-    token_positions / block_table say which request and position each token has.
+    token_positions / block_table say which request and position each token has, and whose
+    num_decode_tokens the decode rows. prefill_algorithm: the path of the prefill rows, one of
+    interop.PREFILL_ALGORITHMS: "auto" (the dispatcher picks per tile), "token", "union" or
+    "k2q" (`torch_sparse/dispatch.py`); decode rows always run on the token kernel.
     """
+    check_prefill_algorithm(prefill_algorithm)
     if not isinstance(query, torch.Tensor):
         raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
     num_tokens = spec.check_query_shape(query.shape)
@@ -208,9 +217,15 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
         if x.shape[0] < num_tokens:
             raise ValueError(f"metadata.{name} has {x.shape[0]} tokens but query has "
                              f"{num_tokens}")
+    decode_tokens = metadata.num_decode_tokens
+    if not 0 <= decode_tokens <= num_tokens:
+        raise ValueError(f"metadata.num_decode_tokens ({decode_tokens}) must lie in [0, "
+                         f"{num_tokens}] (the query's tokens)")
     ops.call_sparse_attn(query, kv_cache, topk_indices, metadata.block_table,
-                    metadata.token_to_req[:num_tokens], metadata.token_positions[:num_tokens],
-                    output, spec.scale, k_scale, v_scale, ops.check_impl(impl, query.device))
+                         metadata.token_to_req[:num_tokens],
+                         metadata.token_positions[:num_tokens], output, spec.scale, k_scale,
+                         v_scale, ops.check_impl(impl, query.device), prefill_algorithm,
+                         int(decode_tokens))
     return output
 
 

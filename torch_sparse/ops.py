@@ -7,6 +7,8 @@ returns nothing, so it allocates no output and a CUDA graph can capture a decode
 
 `impl` picks the backend per call: "triton" (the kernels; compiled on CUDA, interpreted on a
 CPU when TRITON_INTERPRET=1) or "reference" (pure PyTorch, for machines without Triton).
+`prefill_algorithm` (a str) and `first_prefill_token` (an int) pick the kernels of a batch's
+prefill rows (`dispatch.py`); the reference ignores them.
 """
 from __future__ import annotations
 
@@ -17,9 +19,9 @@ import torch
 from . import reference
 
 try:
-    from . import attention, cache
+    from . import attention, cache, dispatch
 except ImportError:  # no Triton: only the reference path runs
-    attention = cache = None
+    attention = cache = dispatch = None
 
 IMPLS = ("triton", "reference")
 HAS_TRITON = attention is not None
@@ -46,17 +48,18 @@ def _sparse_attn(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
                 block_table: torch.Tensor, token_to_req: torch.Tensor,
                 token_positions: torch.Tensor, output: torch.Tensor, sm_scale: float,
                 k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
-                impl: str) -> None:
-    """Sparse attention of tokens given by (token_to_req, token_positions) [num_tokens]."""
+                impl: str, prefill_algorithm: str = "auto", first_prefill_token: int = 0) -> None:
+    """Sparse attention of tokens given by (token_to_req, token_positions) [num_tokens]; rows
+    from first_prefill_token on are prefill tokens."""
     if impl == "reference":
         reference.sparse_attention_reference(query, kv_cache, topk, block_table, token_to_req,
                                              token_positions, output, sm_scale, k_scale,
                                              v_scale)
     else:
-        attention.launch_sparse_attention(query, kv_cache, topk, block_table, output, sm_scale,
-                                          token_to_req=token_to_req,
-                                          token_positions=token_positions, k_scale=k_scale,
-                                          v_scale=v_scale)
+        dispatch.sparse_attention(query, kv_cache, topk, block_table, token_to_req,
+                                  token_positions, output, sm_scale, k_scale=k_scale,
+                                  v_scale=v_scale, first_prefill_token=first_prefill_token,
+                                  prefill_algorithm=prefill_algorithm)
 
 
 def _sparse_attn_decode(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
@@ -112,7 +115,7 @@ call_write_kv = _eager_or_op(write_kv, _write_kv)
 # The ops only write into their arguments: tracing them needs no computation.
 @sparse_attn.register_fake
 def _(query, kv_cache, topk, block_table, token_to_req, token_positions, output, sm_scale,
-      k_scale, v_scale, impl) -> None:
+      k_scale, v_scale, impl, prefill_algorithm="auto", first_prefill_token=0) -> None:
     return None
 
 

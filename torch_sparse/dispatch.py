@@ -1,0 +1,110 @@
+"""Which kernel runs which rows of a decode-first batch: the one place that decides.
+
+Decode rows (the first `first_prefill_token` rows) always run on the token kernel
+(`attention.py`, split-K). `prefill_algorithm` picks the path of the prefill rows:
+- "token": the token kernel, one launch with the decode rows (the batch as it always ran).
+- "union": token tiles over the union of their blocks (`union.py`).
+- "k2q": key-to-query (`k2q.py`).
+- "auto": a prefill of fewer than UNION_MIN_TOKENS tokens runs as "token". A larger one is
+  planned tile by tile on the device (no host sync): a tile whose union is small enough runs
+  on the union kernel; the others go to k2q when the prefill has at least K2Q_MIN_TOKENS
+  tokens, else to the token kernel (both take them through a token mask).
+Every choice depends on shapes and on device tensors only, so a CUDA graph can hold the call.
+"""
+from __future__ import annotations
+
+import torch
+
+from interop import check_prefill_algorithm
+
+from .attention import launch_sparse_attention
+from .k2q import launch_k2q
+from .union import launch_union, plan_union, tile_tokens, tokens_per_chunk
+
+# The thresholds are first guesses, to be tuned on the H100.
+# Prefills of fewer tokens stay on the token kernel under "auto": too few tiles to gain from
+# planning unions (a sort per tile) and launching more kernels.
+UNION_MIN_TOKENS = 512
+# "auto" gives a tile to the union kernel when its largest union over the KV heads is at most
+# this share of the tile's tile_tokens * topk selections. The union kernel does union / share
+# of the useful work per loaded block; a probe on the H100 (GQA 16, 8-token tiles, top-16)
+# put its break-even with k2q near a union of 34 of 128.
+UNION_MAX_SHARE = 0.25
+# Prefills of at least this many tokens send the tiles the union kernel leaves to k2q (its
+# plan and combine cost less than what it saves); smaller ones send them to the token kernel.
+K2Q_MIN_TOKENS = 4096
+
+
+def max_union(group: int, topk: int) -> int:
+    """The largest tile union (blocks per KV head) that "auto" gives to the union kernel."""
+    return int(UNION_MAX_SHARE * tile_tokens(group) * topk)
+
+
+def sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
+                     block_table: torch.Tensor, token_to_req: torch.Tensor,
+                     token_positions: torch.Tensor, output: torch.Tensor, sm_scale: float, *,
+                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                     first_prefill_token: int = 0, prefill_algorithm: str = "auto") -> None:
+    """Attention of a decode-first batch; writes every row of `output` in place.
+
+    query / output: [num_tokens, num_heads, head_size]; kv_cache: the logical view
+    (num_blocks, 2, block_size, num_kv_heads, head_size); topk: [num_kv_heads, >= num_tokens,
+    topk]; block_table: [num_reqs, max_blocks]; token_to_req / token_positions: [num_tokens];
+    k_scale / v_scale: None, a 0-d or [num_kv_heads, num_blocks * block_size] float32 tensor
+    (FP8 caches only); rows [0, first_prefill_token) are decodes, the rest prefill tokens
+    (padding included). Inputs are validated by the caller; an unknown prefill_algorithm is a
+    ValueError before any launch.
+    """
+    check_prefill_algorithm(prefill_algorithm)
+    num_tokens = query.shape[0]
+    split = first_prefill_token
+    prefill_tokens = num_tokens - split
+    scales = dict(k_scale=k_scale, v_scale=v_scale)
+    if (prefill_algorithm == "token" or prefill_tokens == 0
+            or (prefill_algorithm == "auto" and prefill_tokens < UNION_MIN_TOKENS)):
+        launch_sparse_attention(query, kv_cache, topk, block_table, output, sm_scale,
+                                token_to_req=token_to_req, token_positions=token_positions,
+                                **scales)
+        return
+    if split:
+        launch_sparse_attention(query[:split], kv_cache, topk[:, :split], block_table,
+                                output[:split], sm_scale, token_to_req=token_to_req[:split],
+                                token_positions=token_positions[:split], **scales)
+    args = (query, kv_cache, topk, block_table, token_to_req, token_positions, output, sm_scale)
+    if prefill_algorithm == "union":
+        launch_union(*args, **scales, first_token=split)
+    elif prefill_algorithm == "k2q":
+        launch_k2q(*args, **scales, first_token=split)
+    else:
+        rest = _union_small_tiles(*args, **scales, first_token=split)
+        if prefill_tokens >= K2Q_MIN_TOKENS:
+            launch_k2q(*args, **scales, first_token=split, token_mask=rest)
+        else:
+            launch_sparse_attention(query[split:], kv_cache, topk[:, split:], block_table,
+                                    output[split:], sm_scale, token_to_req=token_to_req[split:],
+                                    token_positions=token_positions[split:],
+                                    token_mask=rest[split:], **scales)
+
+
+def _union_small_tiles(query, kv_cache, topk, block_table, token_to_req, token_positions,
+                       output, sm_scale, *, k_scale, v_scale, first_token) -> torch.Tensor:
+    """Run the union kernel on the tiles of tokens [first_token, num_tokens) whose union is at
+    most `max_union`; returns the bool [num_tokens] mask of the rows it left (True)."""
+    num_tokens, num_heads, _ = query.shape
+    num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
+    width = topk.shape[-1]
+    tokens = tile_tokens(num_heads // num_kv_heads)
+    limit = max_union(num_heads // num_kv_heads, width)
+    rest = torch.zeros(num_tokens, dtype=torch.bool, device=query.device)
+    chunk = tokens_per_chunk(num_kv_heads, width, tokens)
+    for start in range(first_token, num_tokens, chunk):
+        end = min(start + chunk, num_tokens)
+        plan = plan_union(topk, block_table, token_to_req, token_positions, num_blocks,
+                          tile_tokens=tokens, block_size=block_size, first_token=start,
+                          end_token=end)
+        launch_union(query, kv_cache, topk, block_table, token_to_req, token_positions, output,
+                     sm_scale, k_scale=k_scale, v_scale=v_scale, first_token=start, plan=plan,
+                     max_union=limit)
+        large = plan.tile_size > limit
+        rest[start:end] = large[:, None].expand(-1, tokens).reshape(-1)[:end - start]
+    return rest

@@ -1,0 +1,266 @@
+"""Token-tile union prefill: a tile of consecutive tokens walks the union of its selections.
+
+The token kernel (`attention.py`) loads each selected block once per (token, KV head), for the
+GQA group's rows only. Neighbouring tokens select mostly the same blocks, so here a program
+takes a tile of `tile_tokens(group)` consecutive tokens x one KV head (128 query rows for a
+GQA group of 16: Hopper's wgmma needs 64 rows per warpgroup) and walks the union of the tile's
+selected blocks once, each row masked to the blocks its token chose and to keys at or before
+its position (FlashInfer's `sparse_fwd_union` idea):
+
+1. `plan_union` (PyTorch ops on the device, no host sync): per (KV head, tile), the distinct
+   valid selected blocks, their page, and for each the bitmask of the tile's tokens that chose
+   it; plus the union sizes. Entry validity is `attention.selected_pages` (the token kernel's
+   rule), so every page the kernel reads lies inside the cache whatever top-k holds.
+2. `_union_attn_kernel`, one program per (tile, KV head): online softmax in fp32 (base 2) over
+   the union's blocks through the shared `attention._attend_block`, output written directly.
+   Tiles may straddle two requests (or a request's first block): a block is an entry per
+   (page, logical block), and a row's token bits say whether it attends it. Rows of padding
+   tokens (position -1) and rows with no valid entry get zeros.
+
+`launch_union` plans and runs over chunks of tokens so the plan stays inside `PLAN_BYTES`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import (_TL_DTYPES, INTERPRETED, LOG2_E, _attend_block, _fp16_rows, _scale_args,
+                        selected_pages)
+
+# Query rows a tile aims for (tokens x padded GQA group): wgmma takes 64 rows per warpgroup.
+TILE_ROWS = 128
+# Tokens per tile at most: the union (and the per-entry token bitmask, int32) stays small,
+# and tokens further apart share fewer blocks. Groups of 1 and 2 get 16- and 32-row tiles.
+MAX_TILE_TOKENS = 16
+NUM_WARPS = 8
+NUM_STAGES = 2
+# Plan workspace per launch_union chunk, and its bytes per (KV head, token, top-k column)
+# (keys, sort output, run flags and the scatter temporaries of plan_union; an upper estimate).
+PLAN_BYTES = 1 << 29
+PLAN_BYTES_PER_ENTRY = 128
+
+
+class UnionPlan(NamedTuple):
+    """The tile unions of tokens [first_token, end_token), T = tile_tokens per tile.
+
+    Tile i holds tokens first_token + i * T + [0, T) (those before end_token); E = T * topk
+    entries per (KV head, tile), the union's distinct entries first, ordered by page:
+      page: [num_kv_heads, num_tiles, E] int32, the entry's page; -1 past the union.
+      block: [num_kv_heads, num_tiles, E] int32, its logical block (keys at positions
+        block * block_size + [0, block_size)); 0 past the union.
+      token_bits: [num_kv_heads, num_tiles, E] int32, bit j set when the tile's token j chose
+        the entry (a valid entry of its top-k row); 0 past the union.
+      size: [num_kv_heads, num_tiles] int32, the union's size.
+      tile_size: [num_tiles] int32, the largest union of the tile over the KV heads (the
+        dispatcher sends a tile, all KV heads together, to one path by it).
+    """
+
+    first_token: int
+    end_token: int
+    tile_tokens: int
+    page: torch.Tensor
+    block: torch.Tensor
+    token_bits: torch.Tensor
+    size: torch.Tensor
+    tile_size: torch.Tensor
+
+
+def tile_tokens(group: int) -> int:
+    """Tokens per tile for a GQA group: TILE_ROWS rows of padded groups, 1..MAX_TILE_TOKENS."""
+    return max(1, min(MAX_TILE_TOKENS, TILE_ROWS // triton.next_power_of_2(group)))
+
+
+def tokens_per_chunk(num_kv_heads: int, topk: int, tokens: int) -> int:
+    """Tokens one plan covers within PLAN_BYTES: a whole number of tiles (at least one)."""
+    per_token = num_kv_heads * topk * PLAN_BYTES_PER_ENTRY
+    return max(1, PLAN_BYTES // (per_token * tokens)) * tokens
+
+
+def plan_union(topk: torch.Tensor, block_table: torch.Tensor, token_to_req: torch.Tensor,
+               token_positions: torch.Tensor, num_blocks: int, *, tile_tokens: int,
+               block_size: int = 128, first_token: int = 0,
+               end_token: int | None = None) -> UnionPlan:
+    """The union of each tile's valid selections, per KV head (see `UnionPlan`).
+
+    topk: [num_kv_heads, >= end_token, topk] int32/int64 logical blocks; block_table:
+    [num_reqs, max_blocks]; token_to_req / token_positions: [num_tokens] (position -1:
+    padding, selects nothing); num_blocks: pages in the cache; end_token: default num_tokens.
+    Entries are distinct per (page, logical block): tokens of two requests that share a page
+    for the same block share the entry. A row that repeats a valid entry sets its bit once.
+    Device ops only (sort, cumsum, scatter; no host sync): a CUDA graph can hold the call.
+    """
+    if end_token is None:
+        end_token = token_to_req.shape[0]
+    num_kv_heads, _, width = topk.shape
+    max_blocks = block_table.shape[1]
+    n = end_token - first_token
+    num_tiles = triton.cdiv(n, tile_tokens)
+    entries = tile_tokens * width
+    valid, block, page = selected_pages(topk[:, first_token:end_token], block_table,
+                                        token_to_req[first_token:end_token],
+                                        token_positions[first_token:end_token], num_blocks,
+                                        block_size)
+    sentinel = num_blocks * max_blocks  # above every valid key; sorts last
+    key = torch.where(valid, page * max_blocks + block, sentinel)
+    key = torch.nn.functional.pad(key, (0, 0, 0, num_tiles * tile_tokens - n), value=sentinel)
+    # Stable: inside a run of equal keys, entries stay in (token, column) order.
+    key, order = torch.sort(key.reshape(num_kv_heads, num_tiles, entries), dim=-1, stable=True)
+    token = order // width  # the entry's token inside its tile
+    live = key < sentinel
+    same_key = torch.zeros_like(live)
+    same_key[..., 1:] = key[..., 1:] == key[..., :-1]
+    same_token = torch.zeros_like(live)
+    same_token[..., 1:] = token[..., 1:] == token[..., :-1]
+    first = live & ~same_key
+    union_index = torch.cumsum(first, -1) - 1
+    # Each run's tokens are distinct once repeats are dropped: their sum is their bitwise or.
+    bits = torch.where(live & ~(same_key & same_token), torch.ones_like(token) << token, 0)
+    spill = torch.full_like(union_index, entries)  # writes of non-entries land past the end
+    token_bits = torch.zeros((num_kv_heads, num_tiles, entries + 1), dtype=torch.int64,
+                             device=topk.device)
+    token_bits.scatter_add_(-1, torch.where(live, union_index, spill), bits)
+    union_key = torch.full_like(token_bits, sentinel)
+    union_key.scatter_(-1, torch.where(first, union_index, spill), key)
+    union_key = union_key[..., :entries]
+    in_union = union_key < sentinel
+    size = first.sum(-1, dtype=torch.int32)
+    return UnionPlan(
+        first_token, end_token, tile_tokens,
+        torch.where(in_union, union_key // max_blocks, -1).int(),
+        torch.where(in_union, union_key % max_blocks, 0).int(),
+        token_bits[..., :entries].int(), size, size.amax(0))
+
+
+@triton.jit
+def _union_attn_kernel(
+        q_ptr, cache_ptr, page_ptr, block_ptr, bits_ptr, size_ptr, tile_size_ptr,
+        positions_ptr, out_ptr, k_scale_ptr, v_scale_ptr,
+        first_token, end_token, num_blocks, max_union, qk_scale,
+        stride_qt, stride_qh,
+        stride_blk, stride_kv, stride_tok, stride_head,
+        stride_ot, stride_oh,
+        stride_eg, stride_et, stride_sg,
+        ks_head, ks_slot, vs_head, vs_slot,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TILE_TOKENS: tl.constexpr,
+        HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, ENTRIES: tl.constexpr,
+        HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, FP16_COMPUTE: tl.constexpr,
+        DOT_DTYPE: tl.constexpr):
+    """Grid (num_tiles, num_kv_heads): the output rows of tile program_id(0).
+
+    Row r is token first_token + tile * TILE_TOKENS + r // GROUP_PAD, query head
+    kv_head * GROUP + r % GROUP_PAD. A tile whose tile_size exceeds max_union is left
+    unwritten (another path takes it). The loop bound is static (ENTRIES); entries past the
+    union are skipped without a load.
+    """
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    if tl.load(tile_size_ptr + tile) <= max_union:
+        offs_r = tl.arange(0, TILE_TOKENS * GROUP_PAD)
+        offs_d = tl.arange(0, HEAD_SIZE)
+        offs_n = tl.arange(0, BLOCK_SIZE)
+        row_token = offs_r // GROUP_PAD
+        head_in_group = offs_r % GROUP_PAD
+        token = first_token + tile.to(tl.int64) * TILE_TOKENS + row_token
+        in_range = token < end_token
+        row_mask = in_range & (head_in_group < GROUP)
+        pos = tl.load(positions_ptr + token, mask=in_range, other=-1)
+        head = kv_head * GROUP + head_in_group
+        q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh
+                    + offs_d[None, :], mask=row_mask[:, None], other=0.0)
+        row_scale = tl.full([TILE_TOKENS * GROUP_PAD], qk_scale, tl.float32)
+        if FP16_COMPUTE:
+            q, row_scale = _fp16_rows(q, row_scale)
+
+        m_i = tl.full([TILE_TOKENS * GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([TILE_TOKENS * GROUP_PAD], tl.float32)
+        acc = tl.zeros([TILE_TOKENS * GROUP_PAD, HEAD_SIZE], tl.float32)
+        union = tl.load(size_ptr + kv_head * stride_sg + tile)
+        entry = kv_head.to(tl.int64) * stride_eg + tile.to(tl.int64) * stride_et
+        head_base = cache_ptr + kv_head.to(tl.int64) * stride_head
+        for e in range(ENTRIES):
+            if e < union:
+                page = tl.load(page_ptr + entry + e)
+                block = tl.load(block_ptr + entry + e)
+                # The plan validated the page; a page outside the cache is read by no row.
+                inside = (page >= 0) & (page < num_blocks)
+                bits = tl.where(inside, tl.load(bits_ptr + entry + e), 0)
+                page = tl.where(inside, page, 0)
+                chosen = ((bits >> row_token) & 1) != 0
+                # The last key each row attends in this block (-1: none).
+                last = tl.where(chosen, pos - block * BLOCK_SIZE, -1)
+                acc, m_i, l_i = _attend_block(
+                    acc, m_i, l_i, q, head_base + page.to(tl.int64) * stride_blk,
+                    k_scale_ptr + kv_head * ks_head, v_scale_ptr + kv_head * vs_head, page,
+                    offs_n <= tl.max(last, 0), offs_n[None, :] <= last[:, None], offs_n,
+                    offs_d, stride_tok, stride_kv, ks_slot, vs_slot, row_scale, BLOCK_SIZE,
+                    HAS_K_SCALE, HAS_V_SCALE, DOT_DTYPE)
+
+        # No valid entry (l = 0, padding rows included): the output is zeros.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh
+                 + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def launch_union(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
+                 block_table: torch.Tensor, token_to_req: torch.Tensor,
+                 token_positions: torch.Tensor, output: torch.Tensor, sm_scale: float, *,
+                 k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+                 first_token: int = 0, plan: UnionPlan | None = None,
+                 max_union: int | None = None, num_warps: int = NUM_WARPS,
+                 num_stages: int = NUM_STAGES) -> None:
+    """Union attention of tokens [first_token, num_tokens); writes their `output` rows in place.
+
+    query / output: [num_tokens, num_heads, head_size]; kv_cache: the logical view
+    (num_blocks, 2, block_size, num_kv_heads, head_size), NHD or HND strides with a unit head
+    stride, bf16/fp16/fp8 e4m3/e5m2; topk: [num_kv_heads, >= num_tokens, topk] int32/int64;
+    block_table: [num_reqs, max_blocks]; token_to_req / token_positions: [num_tokens]
+    (position -1: padding, gets zeros); k_scale / v_scale: None, a 0-d or [num_kv_heads,
+    num_blocks * block_size] float32 tensor (FP8 caches only). plan: `plan_union` of these
+    inputs with tile_tokens(group) and this first_token; its tokens [first_token, end_token)
+    are attended (None: plans every token from first_token on, in chunks of at most
+    PLAN_BYTES). max_union: tiles whose `tile_size` exceeds it are left unwritten (None: every
+    tile is written). Rows before first_token are left untouched. Inputs are validated by the
+    caller.
+    """
+    num_tokens, num_heads, head_size = query.shape
+    num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
+    width = topk.shape[-1]
+    group = num_heads // num_kv_heads
+    tokens = tile_tokens(group)
+    if plan is None:
+        chunk = tokens_per_chunk(num_kv_heads, width, tokens)
+        plans = (plan_union(topk, block_table, token_to_req, token_positions, num_blocks,
+                            tile_tokens=tokens, block_size=block_size, first_token=start,
+                            end_token=min(start + chunk, num_tokens))
+                 for start in range(first_token, num_tokens, chunk))
+    elif plan.first_token != first_token or plan.tile_tokens != tokens:
+        raise ValueError(f"plan covers tokens from {plan.first_token} in tiles of "
+                         f"{plan.tile_tokens}; expected {first_token} and {tokens}")
+    else:
+        plans = (plan,)
+    fp8 = kv_cache.element_size() == 1
+    ks, ks_head, ks_slot = _scale_args(k_scale, output)
+    vs, vs_head, vs_slot = _scale_args(v_scale, output)
+    dot_dtype = tl.float32 if INTERPRETED else (tl.float16 if fp8 else _TL_DTYPES[query.dtype])
+    for part in plans:
+        num_tiles = part.tile_size.shape[0]
+        if num_tiles == 0:
+            continue
+        _union_attn_kernel[(num_tiles, num_kv_heads)](
+            query, kv_cache, part.page, part.block, part.token_bits, part.size,
+            part.tile_size, token_positions, output, ks, vs,
+            part.first_token, part.end_token, num_blocks,
+            part.page.shape[-1] if max_union is None else max_union, sm_scale * LOG2_E,
+            query.stride(0), query.stride(1),
+            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+            output.stride(0), output.stride(1),
+            part.page.stride(0), part.page.stride(1), part.size.stride(0),
+            ks_head, ks_slot, vs_head, vs_slot,
+            GROUP=group, GROUP_PAD=triton.next_power_of_2(group), TILE_TOKENS=tokens,
+            HEAD_SIZE=head_size, BLOCK_SIZE=block_size, ENTRIES=part.page.shape[-1],
+            HAS_K_SCALE=k_scale is not None, HAS_V_SCALE=v_scale is not None,
+            FP16_COMPUTE=fp8, DOT_DTYPE=dot_dtype, num_warps=num_warps,
+            num_stages=num_stages)
