@@ -1,0 +1,300 @@
+"""torch_sparse prefill algorithms against the float64 reference: every `prefill_algorithm`
+forced and "auto" (both of its leftover paths) on mixed decode + prefill batches (interpreted
+on a CPU), `plan_union` against a NumPy union, the token kernel's token mask, bad algorithm
+names, and the union kernel compiled for sm_90 (wgmma)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import interop
+from interop.testing import make_topk, random_problem, relative_error
+
+torch = pytest.importorskip("torch")
+import torch_sparse  # noqa: E402
+from torch_sparse import attention, dispatch, ops, union  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# As tests/test_torch_sparse.py: bf16/fp16 dot operands, FP8 values exact in 16 bits.
+TOL = 1e-2
+# (kv_cache_dtype, layout, scale_mode, query dtype, (num_heads, num_kv_heads))
+CASES = [
+    ("auto", "NHD", "none", "bfloat16", (16, 1)),
+    ("auto", "HND", "none", "float16", (8, 2)),
+    ("fp8_e4m3", "HND", "scalar", "bfloat16", (16, 1)),
+    ("fp8_e4m3", "NHD", "per_slot", "float16", (8, 2)),
+    ("fp8_e5m2", "NHD", "scalar", "float16", (8, 2)),
+    ("fp8_e5m2", "HND", "per_slot", "bfloat16", (16, 1)),
+]
+# Two decodes, then prefills: one with context that crosses the block boundary at position
+# 128 (positions 120..139), one starting at position 0, one with a long context; two padding
+# tokens. Union tiles start at the first prefill token, so they straddle requests.
+QUERY_LENS, SEQ_LENS = [1, 1, 20, 13, 6], [300, 40, 140, 13, 390]
+
+
+def _spec(heads, cache="auto", layout="NHD", topk=4):
+    return interop.SparseAttentionSpec(heads[0], heads[1], topk_blocks=topk,
+                                       kv_cache_dtype=cache, kv_cache_layout=layout)
+
+
+def _problem(rng, spec, selection, scale_mode="none", qdtype="bfloat16"):
+    """The batch with a messy random selection or an M3-like correlated one (rho 0.87)."""
+    messy = selection == "messy"
+    problem = random_problem(spec, QUERY_LENS, SEQ_LENS, rng, query_dtype=qdtype,
+                             scale_mode=scale_mode, num_tokens=sum(QUERY_LENS) + 2,
+                             scatter=messy, future_fraction=0.3 if messy else 0.0,
+                             empty_fraction=0.1 if messy else 0.0)
+    if not messy:
+        problem.topk_indices = make_topk(problem.metadata, spec.num_kv_heads, spec.topk_blocks,
+                                         rng, rho=0.87)
+    return problem
+
+
+def _torch(problem):
+    def scale(s):
+        return torch.from_numpy(s).to(DEVICE) if isinstance(s, np.ndarray) else s
+    return dict(query=interop.to_torch(problem.query, DEVICE),
+                kv_cache=interop.kv_cache_to_torch(problem.kv_cache, problem.spec).to(DEVICE),
+                topk=interop.to_torch(problem.topk_indices, DEVICE),
+                metadata=interop.to_torch(problem.metadata, DEVICE),
+                k_scale=scale(problem.k_scale), v_scale=scale(problem.v_scale))
+
+
+def _reference(problem):
+    return interop.reference_attention(problem.spec, problem.query, problem.kv_cache,
+                                       problem.topk_indices, problem.metadata, problem.k_scale,
+                                       problem.v_scale)
+
+
+def _run(problem, algorithm):
+    t = _torch(problem)
+    out = torch.full_like(t["query"], float("nan"))  # an unwritten element fails
+    torch_sparse.sparse_attention(problem.spec, t["query"], t["kv_cache"], t["topk"],
+                                  t["metadata"], out, k_scale=t["k_scale"], v_scale=t["v_scale"],
+                                  prefill_algorithm=algorithm)
+    return out
+
+
+def _check(out, problem, case):
+    err = relative_error(out, _reference(problem))
+    assert err < TOL, f"{case}: relative error {err:.3e} (limit {TOL})"
+    assert not out[-2:].float().abs().sum(), f"{case}: padding tokens must get zeros"
+
+
+def _auto_split(monkeypatch, problem, leftover):
+    """Make "auto" plan every prefill and give the tiles below the largest union to the union kernel;
+    leftover: "k2q" or "token" takes the rest. Returns (union tiles, other tiles)."""
+    spec = problem.spec
+    group = spec.num_heads // spec.num_kv_heads
+    t = _torch(problem)
+    md = t["metadata"]
+    tokens = union.tile_tokens(group)
+    plan = union.plan_union(t["topk"], md.block_table, md.token_to_req, md.token_positions,
+                            problem.kv_cache.shape[0], tile_tokens=tokens,
+                            first_token=problem.metadata.num_decode_tokens)
+    sizes = plan.tile_size.cpu().numpy()
+    limit = int(sizes[sizes < sizes.max()].max(initial=0))
+    monkeypatch.setattr(dispatch, "UNION_MIN_TOKENS", 0)
+    monkeypatch.setattr(dispatch, "UNION_MAX_SHARE", (limit + 0.5) / (tokens * spec.topk_blocks))
+    monkeypatch.setattr(dispatch, "K2Q_MIN_TOKENS", 0 if leftover == "k2q" else 1 << 30)
+    assert dispatch.max_union(group, spec.topk_blocks) == limit
+    return int((sizes <= limit).sum()), int((sizes > limit).sum())
+
+
+@pytest.mark.parametrize("selection", ["messy", "correlated"])
+@pytest.mark.parametrize("cache,layout,scale_mode,qdtype,heads", CASES, ids=lambda c: str(c))
+@pytest.mark.parametrize("algorithm", ["union", "k2q", "auto-k2q", "auto-token"])
+def test_prefill_algorithm_matches_reference(rng, monkeypatch, algorithm, cache, layout,
+                                             scale_mode, qdtype, heads, selection):
+    """Decodes on the token kernel, prefill rows on the forced path (or split by "auto")."""
+    problem = _problem(rng, _spec(heads, cache, layout), selection, scale_mode, qdtype)
+    case = f"{algorithm} {cache}/{layout}/{scale_mode}/{qdtype} heads={heads} {selection}"
+    if algorithm.startswith("auto"):
+        tiles = _auto_split(monkeypatch, problem, algorithm.split("-")[1])
+        assert min(tiles) > 0, f"{case}: auto must use both paths, got {tiles} tiles"
+        algorithm = "auto"
+    _check(_run(problem, algorithm), problem, case)
+
+
+@pytest.mark.parametrize("algorithm", ["token", "auto"])
+def test_token_and_small_auto(rng, algorithm):
+    """"token" and "auto" below UNION_MIN_TOKENS: one token-kernel launch, as always."""
+    assert sum(QUERY_LENS) < dispatch.UNION_MIN_TOKENS
+    problem = _problem(rng, _spec((8, 2), "fp8_e4m3", "HND"), "messy", "per_slot")
+    _check(_run(problem, algorithm), problem, algorithm)
+
+
+@pytest.mark.parametrize("algorithm", ["union", "k2q"])
+def test_seed_prefill_call(rng, algorithm):
+    """The seed's prefill call (every row a prefill token) with a forced algorithm, and the
+    reference impl, which takes the keyword and ignores it."""
+    spec = _spec((16, 1), layout="HND")
+    problem = random_problem(spec, [30, 9, 19], [30, 140, 400], rng, scatter=True,
+                             future_fraction=0.2)
+    t = _torch(problem)
+    pre = t["metadata"].prefill
+    for impl in ("triton", "reference"):
+        out = torch.full_like(t["query"], float("nan"))
+        torch_sparse.minimax_m3_sparse_attn(
+            t["query"], t["kv_cache"], t["topk"], pre.block_table, pre.cu_seqlens_q,
+            pre.seq_lens, pre.context_lens, pre.max_query_len, 1, spec.scale, out, impl=impl,
+            prefill_algorithm=algorithm)
+        err = relative_error(out, _reference(problem))
+        assert err < TOL, f"seed prefill {algorithm} {impl}: relative error {err:.3e}"
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_token_kernel_token_mask(rng, splits):
+    """Masked-off rows are neither attended nor written (NaN stays), with and without split-K."""
+    problem = _problem(rng, _spec((8, 2)), "messy")
+    t = _torch(problem)
+    md = t["metadata"]
+    mask = torch.from_numpy(rng.random(t["query"].shape[0]) < 0.5).to(DEVICE)
+    out = torch.full_like(t["query"], float("nan"))
+    attention.launch_sparse_attention(t["query"], t["kv_cache"], t["topk"], md.block_table, out,
+                                      problem.spec.scale, token_to_req=md.token_to_req,
+                                      token_positions=md.token_positions, token_mask=mask,
+                                      num_splits=splits)
+    rows = mask.cpu().numpy()
+    assert out[~mask].isnan().all(), f"splits={splits}: masked-off rows were written"
+    err = relative_error(out[mask], _reference(problem)[rows])
+    assert err < TOL, f"token mask splits={splits}: relative error {err:.3e}"
+
+
+def _numpy_union(topk, block_table, token_to_req, positions, num_blocks, first, end, tile,
+                 block_size=128):
+    """{(kv_head, tile): {(page, block): token bits}} straight from the contract's rule."""
+    num_reqs, max_blocks = block_table.shape
+    unions = {}
+    for g in range(topk.shape[0]):
+        for t in range(first, end):
+            entries = unions.setdefault((g, (t - first) // tile), {})
+            r, p = int(token_to_req[t]), int(positions[t])
+            if p < 0 or not 0 <= r < num_reqs:
+                continue
+            for b in set(int(b) for b in topk[g, t]):
+                if 0 <= b <= p // block_size and b < max_blocks:
+                    page = int(block_table[r, b])
+                    if 0 <= page < num_blocks:
+                        entries[(page, b)] = entries.get((page, b), 0) | 1 << (t - first) % tile
+    return unions
+
+
+@pytest.mark.parametrize("tile", [8, 16])
+def test_plan_union_matches_numpy(rng, tile):
+    """Garbage entries, repeats in a row, a page shared by two requests (one entry for both),
+    bad pages in the block table and padding tokens, over a chunk that is not tile-aligned."""
+    spec = _spec((16, 2), topk=6)
+    problem = random_problem(spec, [1, 11, 30, 17], [200, 140, 30, 300], rng,
+                             num_tokens=62, scatter=True, future_fraction=0.3)
+    md = problem.metadata
+    topk = problem.topk_indices.copy()
+    junk = np.array([np.iinfo(np.int32).min, np.iinfo(np.int32).max, -3, 10**6, 0, 1], np.int32)
+    pick = rng.random(topk.shape) < 0.2
+    topk[pick] = rng.choice(junk, size=int(pick.sum()))
+    topk[:, 20, 1] = topk[:, 20, 0]  # a repeated (valid) entry
+    table = md.block_table.copy()
+    table[2, 0] = table[1, 0]        # requests 1 and 2 share the page of block 0
+    table[3, 1] = -4
+    table[3, 2] = problem.kv_cache.shape[0] + 9
+    num_blocks = problem.kv_cache.shape[0]
+    first, end = 3, 59
+    plan = union.plan_union(torch.from_numpy(topk), torch.from_numpy(table),
+                            torch.from_numpy(md.token_to_req),
+                            torch.from_numpy(md.token_positions), num_blocks, tile_tokens=tile,
+                            first_token=first, end_token=end)
+    expected = _numpy_union(topk, table, md.token_to_req, md.token_positions, num_blocks, first,
+                            end, tile)
+    num_tiles = -(-(end - first) // tile)
+    width = tile * spec.topk_blocks
+    assert plan.page.shape == (spec.num_kv_heads, num_tiles, width)
+    assert (plan.first_token, plan.end_token, plan.tile_tokens) == (first, end, tile)
+    page, block, bits = (x.numpy() for x in (plan.page, plan.block, plan.token_bits))
+    size = plan.size.numpy()
+    for (g, i), entries in expected.items():
+        n = len(entries)
+        got = {(int(p), int(b)): int(m) for p, b, m in
+               zip(page[g, i, :n], block[g, i, :n], bits[g, i, :n])}
+        assert size[g, i] == n and got == entries, f"tile {i} head {g}: {got} != {entries}"
+        assert (page[g, i, n:] == -1).all() and not bits[g, i, n:].any(), f"tile {i} tail"
+    assert (plan.tile_size.numpy() == size.max(0)).all()
+
+
+@pytest.mark.parametrize("impl", ["triton", "reference"])
+def test_unknown_prefill_algorithm_raises_before_launch(rng, monkeypatch, impl):
+    def launched(*args, **kwargs):
+        raise AssertionError("an op ran although the prefill algorithm is unknown")
+    monkeypatch.setattr(ops, "call_sparse_attn", launched)
+    problem = random_problem(_spec((8, 2)), [1, 20], [200, 20], rng)
+    t = _torch(problem)
+    with pytest.raises(ValueError, match="prefill_algorithm"):
+        torch_sparse.sparse_attention(problem.spec, t["query"], t["kv_cache"], t["topk"],
+                                      t["metadata"], impl=impl, prefill_algorithm="flash")
+    pre = t["metadata"].prefill
+    with pytest.raises(ValueError, match="prefill_algorithm"):
+        torch_sparse.minimax_m3_sparse_attn(
+            t["query"][1:], t["kv_cache"], t["topk"][:, 1:], pre.block_table, pre.cu_seqlens_q,
+            pre.seq_lens, pre.context_lens, 20, 2, 0.1, torch.empty_like(t["query"][1:]),
+            impl=impl, prefill_algorithm=None)
+
+
+def test_compile_fullgraph_with_prefill_algorithm(rng):
+    """The op's new str / int arguments trace with fullgraph=True (AOT, fake tensors)."""
+    problem = _problem(rng, _spec((16, 1)), "correlated")
+    t = _torch(problem)
+
+    def step(query, kv_cache, topk):
+        out = torch.empty_like(query)
+        torch_sparse.sparse_attention(problem.spec, query * 1.0, kv_cache, topk, t["metadata"],
+                                      out, prefill_algorithm="union")
+        return out + 0.0
+
+    out = torch.compile(step, backend="aot_eager", fullgraph=True)(t["query"], t["kv_cache"],
+                                                                   t["topk"])
+    _check(out, problem, "torch.compile union")
+
+
+def _compile_for_sm90():
+    """Compile the union kernel for CUDA sm_90 (no GPU needed) at GQA 16 (8 tokens x 16 heads =
+    128 rows) with a bf16 cache and an FP8 one (float16 compute); print whether wgmma is used."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = union._union_attn_kernel
+    for cache_dtype in ("bf16", "fp8e4nv"):
+        fp8 = cache_dtype != "bf16"
+        constexprs = dict(GROUP=16, GROUP_PAD=16, TILE_TOKENS=8, HEAD_SIZE=128,
+                          BLOCK_SIZE=128, ENTRIES=128, HAS_K_SCALE=fp8, HAS_V_SCALE=fp8,
+                          FP16_COMPUTE=fp8, DOT_DTYPE=tl.float16 if fp8 else tl.bfloat16)
+        pointers = dict(q_ptr="*bf16", cache_ptr=f"*{cache_dtype}", positions_ptr="*i32",
+                        out_ptr="*bf16", k_scale_ptr="*fp32", v_scale_ptr="*fp32")
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = pointers.get(name, "*i32")
+            else:
+                signature[name] = "fp32" if name == "qk_scale" else "i32"
+        compiled = triton.compile(
+            ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+            target=GPUTarget("cuda", 90, 32),
+            options=dict(num_warps=union.NUM_WARPS, num_stages=union.NUM_STAGES))
+        print(f"{cache_dtype} wgmma={'wgmma.mma_async' in compiled.asm['ptx']}")
+
+
+def test_union_kernel_uses_wgmma_on_sm90():
+    """Compiled (not interpreted) in a child process: the kernel must be a JIT function."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", "from tests.test_torch_prefill import _compile_for_sm90 as f; f()"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    for case in ("bf16", "fp8e4nv"):
+        assert f"{case} wgmma=True" in lines, f"{case}: no wgmma in the sm_90 PTX: {lines}"
