@@ -9,12 +9,16 @@ from .api import (IMPLEMENTATIONS, default_implementation, minimax_m3_sparse_att
                   minimax_m3_sparse_attn_decode, sparse_attention)
 from .attention import default_num_splits, paged_sparse_attention
 from .cache import write_kv
+from .dispatch import sparse_attention_pallas
+from .k2q import paged_sparse_attention_k2q
+from .union import paged_sparse_attention_union, plan_union
 from .xla import sparse_attention_xla
 
 interop.register_jax_pytrees()
 
 __all__ = [
     "IMPLEMENTATIONS", "default_implementation", "default_num_splits", "minimax_m3_sparse_attn",
-    "minimax_m3_sparse_attn_decode", "paged_sparse_attention", "sparse_attention",
+    "minimax_m3_sparse_attn_decode", "paged_sparse_attention", "paged_sparse_attention_k2q",
+    "paged_sparse_attention_union", "plan_union", "sparse_attention", "sparse_attention_pallas",
     "sparse_attention_xla", "write_kv",
 ]

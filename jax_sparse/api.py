@@ -12,9 +12,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from interop import CACHE_DTYPES, KV_CACHE_STRIDE_ORDERS, SparseAttentionSpec, SparseMetadata
+from interop import (CACHE_DTYPES, KV_CACHE_STRIDE_ORDERS, SparseAttentionSpec, SparseMetadata,
+                     check_prefill_algorithm)
 
-from .attention import paged_sparse_attention
+from .dispatch import sparse_attention_pallas
 from .validation import check_attention_inputs, check_scale
 from .xla import sparse_attention_xla
 
@@ -28,7 +29,9 @@ def default_implementation() -> str:
 
 
 def _attention(spec, query, kv_cache, topk_indices, token_to_req, token_positions, block_table,
-               k_scale, v_scale, *, implementation, num_splits, num_warps, num_stages):
+               k_scale, v_scale, num_decode_tokens, *, implementation, prefill_algorithm,
+               num_splits, num_warps, num_stages):
+    check_prefill_algorithm(prefill_algorithm)
     num_blocks = check_attention_inputs(spec, query, kv_cache, topk_indices, token_to_req,
                                         token_positions, block_table)
     implementation = implementation or default_implementation()
@@ -46,20 +49,23 @@ def _attention(spec, query, kv_cache, topk_indices, token_to_req, token_position
     if num_splits is not None and (num_splits < 1 or spec.topk_blocks % num_splits):
         raise ValueError(f"num_splits {num_splits!r} must be a positive divisor of "
                          f"topk_blocks ({spec.topk_blocks})")
-    return paged_sparse_attention(*args, num_splits=num_splits, num_warps=num_warps,
-                                  num_stages=num_stages)
+    num_decode_tokens = jnp.asarray(num_decode_tokens, jnp.int32)
+    return sparse_attention_pallas(*args, num_decode_tokens=num_decode_tokens,
+                                   prefill_algorithm=prefill_algorithm, num_splits=num_splits,
+                                   num_warps=num_warps, num_stages=num_stages)
 
 
-# The jitted body takes only the three metadata arrays it reads: a jitted call's host cost grows
-# with its argument count (CPU, no-op body: 29 us with these arrays, 61 us with the whole
+# The jitted body takes only the metadata fields it reads (three arrays and a count): a jitted
+# call's host cost grows with its argument count (CPU, no-op body: 29 us with these arrays, 61 us with the whole
 # 18-leaf metadata), so the public call below unpacks the metadata before the jit boundary.
-_attention_jit = jax.jit(_attention, static_argnames=("spec", *_KNOBS))
+_attention_jit = jax.jit(_attention, static_argnames=("spec", "prefill_algorithm", *_KNOBS))
 
 
 def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
                      metadata: SparseMetadata, *, k_scale=None, v_scale=None,
-                     implementation: str | None = None, num_splits: int | None = None,
-                     num_warps: int | None = None, num_stages: int = 2):
+                     implementation: str | None = None, prefill_algorithm: str = "auto",
+                     num_splits: int | None = None, num_warps: int | None = None,
+                     num_stages: int = 2):
     """Block-sparse GQA attention of a decode-first batch (contract, section 2). Jitted (the
     spec and the knobs static); call it directly or from inside a jitted step.
 
@@ -71,18 +77,22 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
       topk_indices: [num_kv_heads, >= num_tokens, topk_blocks] int, logical blocks per row;
         invalid entries (negative, future, past the block table) are skipped.
       metadata: JAX-flavour SparseMetadata (`interop.to_jax`); its token_to_req,
-        token_positions and block_table are read.
+        token_positions, block_table and num_decode_tokens (traced) are read.
       k_scale / v_scale: FP8 caches only: None, a scalar or [num_kv_heads, num_blocks *
         block_size] float32 indexed by slot.
       implementation: "pallas" or "xla"; default: `default_implementation()`.
-      num_splits / num_warps / num_stages: Pallas knobs (splits of each top-k row; default
-        from the static shapes).
+      prefill_algorithm: the Pallas path of the prefill tokens (a jit static): "auto" (the
+        dispatcher, `jax_sparse.dispatch`), "token", "union" or "k2q"; every value gives the
+        same result within rounding. The XLA implementation checks it and has one path.
+      num_splits / num_warps / num_stages: the token kernel's knobs (splits of each top-k row;
+        default from the static shapes).
     Returns: [num_tokens, num_heads, head_size] in the query dtype; zeros for tokens with no
       valid entry and for padding tokens.
     """
     return _attention_jit(spec, query, kv_cache, topk_indices, metadata.token_to_req,
                           metadata.token_positions, metadata.block_table, k_scale, v_scale,
-                          implementation=implementation, num_splits=num_splits,
+                          metadata.num_decode_tokens, implementation=implementation,
+                          prefill_algorithm=prefill_algorithm, num_splits=num_splits,
                           num_warps=num_warps, num_stages=num_stages)
 
 
@@ -114,12 +124,13 @@ def _seed_spec(q, kv_cache, topk_idx, num_kv_heads: int, sm_scale, layout: str):
 
 
 @functools.partial(jax.jit, static_argnames=("num_kv_heads", "sm_scale", "kv_cache_layout",
-                                             *_KNOBS))
+                                             "prefill_algorithm", *_KNOBS))
 def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq_lens,
                            prefix_lens, max_query_len, num_kv_heads: int, sm_scale: float,
                            k_scale=None, v_scale=None, *, kv_cache_layout: str = "NHD",
-                           implementation: str | None = None, num_splits: int | None = None,
-                           num_warps: int | None = None, num_stages: int = 2):
+                           implementation: str | None = None, prefill_algorithm: str = "auto",
+                           num_splits: int | None = None, num_warps: int | None = None,
+                           num_stages: int = 2):
     """The seed's prefill call, returning the output.
 
     Args:
@@ -142,7 +153,8 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
     positions = prefix_lens[req] + tokens - starts[req]
     positions = jnp.where((tokens < starts[-1]) & (positions < seq_lens[req]), positions, -1)
     return _attention(spec, q, kv_cache, topk_idx, req, positions, block_table, k_scale,
-                      v_scale, implementation=implementation, num_splits=num_splits,
+                      v_scale, 0, implementation=implementation,
+                      prefill_algorithm=prefill_algorithm, num_splits=num_splits,
                       num_warps=num_warps, num_stages=num_stages)
 
 
@@ -174,5 +186,6 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens,
                  + tokens % decode_query_len)
     positions = jnp.where(req < num_reqs, positions, -1)
     return _attention(spec, q, kv_cache, topk_idx, jnp.minimum(req, num_reqs - 1), positions,
-                      block_table, k_scale, v_scale, implementation=implementation,
-                      num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+                      block_table, k_scale, v_scale, q.shape[0], implementation=implementation,
+                      prefill_algorithm="token", num_splits=num_splits, num_warps=num_warps,
+                      num_stages=num_stages)

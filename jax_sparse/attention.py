@@ -59,78 +59,108 @@ def _scale(scale_ref, head, slots):
     return scale_ref[0]
 
 
-def _attend_block(carry, q, page, mask, head, cache_ref, k_scale_ref, v_scale_ref, *,
+def fp16_rows(q, row_scale):
+    """FP8 caches compute in float16 (FP8 -> float16 is one conversion instruction per pair;
+    -> bfloat16 takes several): each query row of q [rows, D] is scaled by (about) a power of
+    two so its largest magnitude lies near 2^14 (no overflow; bfloat16's 8 significant bits fit
+    in float16's 11). Returns (float16 rows, row_scale [rows] divided by that scale, which
+    undoes it in the scores)."""
+    qf = q.astype(jnp.float32)
+    amax = jnp.abs(qf).max(axis=-1)
+    shift = 14.0 - jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 16384.0)))  # zero row: 0
+    q_scale = jnp.exp2(jnp.clip(shift, -120.0, 100.0))
+    return (qf * q_scale[:, None]).astype(jnp.float16), row_scale / q_scale
+
+
+def _attend_block(carry, q, page, load_mask, mask, head, cache_ref, k_scale_ref, v_scale_ref, *,
                   layout: str, block_size: int, score_scale: float, packed_dtype=None):
-    """One online-softmax step over one selected page: the step prefill and decode share.
+    """One online-softmax step over one selected page: the step every kernel family shares.
 
     carry: (acc [rows, D] f32, m [rows] f32 running max (base 2), l [rows] f32 running sum).
     q: [rows, D] in the compute dtype (the query's; float16 for an FP8 cache); score_scale:
     [rows] f32, softmax scale * log2(e) per row.
-    mask: [block_size] keys of this page the token attends (all False for an invalid entry).
+    load_mask: [block_size] keys of this page some row attends (the others are not read).
+    mask: [rows or 1, block_size] keys each row attends (all False for an invalid entry);
+    within load_mask.
     """
     acc, m, l = carry
-    # Keys past the token (or of a masked page) may hold anything, NaN included: never read.
-    k = load_page(cache_ref, page, 0, head, layout, mask, packed_dtype).astype(q.dtype)
+    # Keys no row attends (past the tokens, or of a masked page) may hold anything, NaN
+    # included: never read.
+    k = load_page(cache_ref, page, 0, head, layout, load_mask, packed_dtype).astype(q.dtype)
     scores = plgpu.dot(q, k, trans_b=True)  # [rows, block_size] f32
     slots = pl.ds(page * block_size, block_size)
     if k_scale_ref is not None:
         scores = scores * _scale(k_scale_ref, head, slots)
-    scores = jnp.where(mask[None, :], scores * score_scale[:, None], MASK_VALUE)
+    scores = jnp.where(mask, scores * score_scale[:, None], MASK_VALUE)
     m_new = jnp.maximum(m, scores.max(axis=-1))
     alpha = jnp.exp2(m - m_new)
-    p = jnp.where(mask[None, :], jnp.exp2(scores - m_new[:, None]), 0.0)
+    p = jnp.where(mask, jnp.exp2(scores - m_new[:, None]), 0.0)
     l = alpha * l + p.sum(axis=-1)
     if v_scale_ref is not None:
         p = p * _scale(v_scale_ref, head, slots)
-    v = load_page(cache_ref, page, 1, head, layout, mask, packed_dtype).astype(q.dtype)
+    v = load_page(cache_ref, page, 1, head, layout, load_mask, packed_dtype).astype(q.dtype)
     acc = alpha[:, None] * acc + plgpu.dot(p.astype(q.dtype), v)
     return acc, m_new, l
 
 
-def _sparse_attention_kernel(q_ref, topk_ref, token_to_req_ref, positions_ref, block_table_ref,
-                             cache_ref, k_scale_ref, v_scale_ref, out_ref, *lse_ref,
-                             layout: str, block_size: int, blocks_per_split: int,
-                             score_scale: float, fp16_compute: bool, packed_dtype=None):
-    """q_ref: [rows, D] (one token, one KV group); out_ref: [rows, D]; lse_ref: [rows]."""
-    token, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    num_reqs, max_blocks = block_table_ref.shape
-    num_blocks = cache_ref.shape[0]
-    position = positions_ref[token]
-    req = jnp.clip(token_to_req_ref[token], 0, num_reqs - 1)
-    q = q_ref[...]
-    rows, head_size = q.shape
+def block_attender(q, head, cache_ref, k_scale_ref, v_scale_ref, *, layout: str,
+                   block_size: int, score_scale: float, fp16_compute: bool, packed_dtype=None):
+    """(attend, init): `_attend_block` bound to the query rows q [rows, D] of KV head `head`
+    (in float16 with per-row scales for an FP8 cache: `fp16_rows`), called as
+    attend(carry, page=, load_mask=, mask=); and the empty online-softmax carry."""
+    rows = q.shape[0]
     row_scale = jnp.full((rows,), score_scale, jnp.float32)
     if fp16_compute:
-        # FP8 cache: compute in float16 (FP8 -> float16 is one conversion instruction per
-        # pair; -> bfloat16 takes several), each query row scaled by (about) a power of two so
-        # its largest magnitude lies near 2^14: no overflow, bfloat16's 8 significant bits fit
-        # in float16's 11; the scores are scaled back.
-        qf = q.astype(jnp.float32)
-        amax = jnp.abs(qf).max(axis=-1)
-        shift = 14.0 - jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 16384.0)))  # zero row: 0
-        q_scale = jnp.exp2(jnp.clip(shift, -120.0, 100.0))
-        q = (qf * q_scale[:, None]).astype(jnp.float16)
-        row_scale = row_scale / q_scale
+        q, row_scale = fp16_rows(q, row_scale)
     attend = functools.partial(_attend_block, q=q, head=head, cache_ref=cache_ref,
                                k_scale_ref=k_scale_ref, v_scale_ref=v_scale_ref, layout=layout,
                                block_size=block_size, score_scale=row_scale,
                                packed_dtype=packed_dtype)
-
-    def body(i, carry):
-        entry = topk_ref[head, token, split * blocks_per_split + i]
-        valid, block, page = select_pages(
-            entry, position, lambda b: block_table_ref[req, b], block_size=block_size,
-            max_blocks=max_blocks, num_blocks=num_blocks)
-        return attend(carry, page=page, mask=key_mask(valid, block, position, block_size))
-
-    init = (jnp.zeros((rows, head_size), jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, blocks_per_split, body, init)
-    seen = l > 0.0  # a row with no valid key gives zeros, never NaN
-    out = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
-    out_ref[...] = out.astype(out_ref.dtype)
-    if lse_ref:
-        lse_ref[0][...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), -jnp.inf)
+    return attend, init
+
+
+def _sparse_attention_kernel(q_ref, topk_ref, token_to_req_ref, positions_ref, block_table_ref,
+                             cache_ref, k_scale_ref, v_scale_ref, mask_ref, _prev_ref, out_ref,
+                             *lse_ref, layout: str, block_size: int, blocks_per_split: int,
+                             score_scale: float, fp16_compute: bool, packed_dtype=None):
+    """q_ref: [rows, D] (one token, one KV group); out_ref: [rows, D]; lse_ref: [rows].
+
+    mask_ref: None, or [num_tokens] int32: a token whose entry is 0 is another path's; its
+    program exits without a write (_prev_ref, the output it aliases, keeps the row).
+    """
+    token, head, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+
+    def attend_token():
+        num_reqs, max_blocks = block_table_ref.shape
+        num_blocks = cache_ref.shape[0]
+        position = positions_ref[token]
+        req = jnp.clip(token_to_req_ref[token], 0, num_reqs - 1)
+        attend, init = block_attender(
+            q_ref[...], head, cache_ref, k_scale_ref, v_scale_ref, layout=layout,
+            block_size=block_size, score_scale=score_scale, fp16_compute=fp16_compute,
+            packed_dtype=packed_dtype)
+
+        def body(i, carry):
+            entry = topk_ref[head, token, split * blocks_per_split + i]
+            valid, block, page = select_pages(
+                entry, position, lambda b: block_table_ref[req, b], block_size=block_size,
+                max_blocks=max_blocks, num_blocks=num_blocks)
+            mask = key_mask(valid, block, position, block_size)
+            return attend(carry, page=page, load_mask=mask, mask=mask[None, :])
+
+        acc, m, l = lax.fori_loop(0, blocks_per_split, body, init)
+        seen = l > 0.0  # a row with no valid key gives zeros, never NaN
+        out = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
+        out_ref[...] = out.astype(out_ref.dtype)
+        if lse_ref:
+            lse_ref[0][...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), -jnp.inf)
+
+    if mask_ref is None:
+        attend_token()
+    else:
+        pl.when(mask_ref[token] != 0)(attend_token)
 
 
 def _merge_splits(out, lse):
@@ -149,7 +179,8 @@ def _whole(shape):
 
 def paged_sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
                            token_to_req, token_positions, block_table, k_scale=None,
-                           v_scale=None, *, num_splits: int | None = None,
+                           v_scale=None, *, token_mask=None, out=None,
+                           num_splits: int | None = None,
                            num_warps: int | None = None,
                            num_stages: int = 2, interpret: bool | None = None,
                            force_packed: bool = False):
@@ -163,6 +194,11 @@ def paged_sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indi
       block_table: [num_reqs, max_blocks] int32.
       k_scale / v_scale: None, [1] float32 (one scale) or [num_kv_heads, num_blocks *
         block_size] float32 (per slot); FP8 caches only.
+      token_mask: optional bool [num_tokens] (traced): the rows this call computes (the
+        programs of the others exit at once); None: every row.
+      out: optional [num_tokens, num_heads, head_size] in the query dtype: the result keeps its
+        rows outside token_mask (written in place with one split); None: those rows are zeros.
+        Ignored without token_mask.
       num_splits: splits of each top-k row (a divisor of topk_blocks); default from shapes.
       num_warps / num_stages: Triton launch knobs (num_warps default: 8 for grids of at most
         WIDE_GRID (token, KV head) pairs over a 16-bit cache, else 4).
@@ -202,18 +238,35 @@ def paged_sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indi
         out_specs = [pl.BlockSpec((None, *row_block), lambda t, g, s: (s, t, g, 0, 0)),
                      pl.BlockSpec((None, None, None, rows), lambda t, g, s: (s, t, g, 0))]
     scale_specs = [None if x is None else _whole(x.shape) for x in (k_scale, v_scale)]
+    mask = prev = None
+    if token_mask is not None:
+        mask = token_mask.astype(jnp.int32)  # the interpreter rejects bool refs
+        if out is None:
+            out = jnp.zeros(query.shape, query.dtype)
+        if splits == 1:  # programs that exit leave the aliased rows as they were
+            prev = out.reshape(q.shape[:2] + (group, head_size))
+            if rows != group:
+                prev = jnp.pad(prev, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    args = (q, topk_indices, token_to_req, token_positions, block_table, cache, k_scale, v_scale,
+            mask)
     outs = pl.pallas_call(
         kernel,
         grid=(num_tokens, num_kv_heads, splits),
         in_specs=[pl.BlockSpec(row_block, lambda t, g, s: (t, g, 0, 0)),
                   _whole(topk_indices.shape), _whole(token_to_req.shape),
                   _whole(token_positions.shape), _whole(block_table.shape),
-                  _whole(cache.shape), *scale_specs],
+                  _whole(cache.shape), *scale_specs,
+                  None if mask is None else _whole(mask.shape),
+                  None if prev is None else out_specs[0]],
         out_specs=out_specs,
         out_shape=out_shape,
+        input_output_aliases={} if prev is None else {len(jax.tree.leaves(args)): 0},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name=f"sparse_attention_{spec.kv_cache_layout}_rows{rows}_splits{splits}",
-    )(q, topk_indices, token_to_req, token_positions, block_table, cache, k_scale, v_scale)
-    out = outs[0] if splits == 1 else _merge_splits(*outs).astype(query.dtype)
-    return out[:, :, :group].reshape(num_tokens, num_heads, head_size)
+    )(*args, prev)
+    result = outs[0] if splits == 1 else _merge_splits(*outs).astype(query.dtype)
+    result = result[:, :, :group].reshape(num_tokens, num_heads, head_size)
+    if token_mask is not None and splits > 1:  # unwritten partials: other paths' rows
+        result = jnp.where(token_mask[:, None, None], result, out)
+    return result

@@ -1,0 +1,91 @@
+"""Which Pallas kernel runs which rows of a decode-first batch: the one place that decides.
+
+Under `jax.jit` the number of decode tokens is traced, so which rows are decodes is a traced
+fact (`token < num_decode_tokens`); grids come from the static shapes, and each path takes its
+rows through a traced token mask (programs of the other rows exit), writing them into the
+output the paths before it produced. One compiled call serves every batch of the same padded
+sizes, and nothing is read back to the host.
+
+Decode rows always run on the token kernel (`attention.py`, split-K). `prefill_algorithm`
+picks the path of the prefill rows (padding rows included; they give zeros on every path):
+- "token": the token kernel, one launch with the decode rows (the batch as it always ran).
+- "union": token tiles over the union of their blocks (`union.py`).
+- "k2q": key-to-query (`k2q.py`).
+- "auto": a batch of fewer than UNION_MIN_TOKENS (padded) tokens runs as "token". A larger
+  one is planned tile by tile on the device: a tile of prefill rows whose union is at most
+  `max_union` runs on the union kernel; the other prefill rows go to k2q when the batch has
+  at least K2Q_MIN_TOKENS (padded) tokens, else to the token kernel.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+
+from interop import SparseAttentionSpec, check_prefill_algorithm
+
+from .attention import paged_sparse_attention
+from .k2q import paged_sparse_attention_k2q
+from .union import paged_sparse_attention_union, paged_sparse_attention_union_capped, tile_tokens
+
+# The thresholds are first guesses (the PyTorch dispatcher's), to be tuned on the H100.
+# Batches of fewer tokens stay on the token kernel under "auto": too few tiles to gain from
+# planning unions (a sort per tile) and launching more kernels. The padded size decides (a
+# static fact), so a jitted call never changes its kernels between batches.
+UNION_MIN_TOKENS = 512
+# "auto" gives a tile to the union kernel when its largest union over the KV heads is at most
+# this share of the tile's tile_tokens * topk selections. The union kernel does union / share
+# of the useful work per loaded block; a probe on the H100 (GQA 16, 8-token tiles, top-16)
+# put its break-even with k2q near a union of 34 of 128.
+UNION_MAX_SHARE = 0.25
+# Batches of at least this many (padded) tokens send the tiles the union kernel leaves to k2q
+# (its plan and combine cost less than what it saves); smaller ones to the token kernel.
+K2Q_MIN_TOKENS = 4096
+
+
+def max_union(num_queries_per_kv: int, topk: int) -> int:
+    """The largest tile union (blocks per KV head) that "auto" gives to the union kernel."""
+    return int(UNION_MAX_SHARE * tile_tokens(num_queries_per_kv) * topk)
+
+
+def sparse_attention_pallas(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
+                            token_to_req, token_positions, block_table, k_scale=None,
+                            v_scale=None, *, num_decode_tokens, prefill_algorithm: str = "auto",
+                            num_splits: int | None = None, num_warps: int | None = None,
+                            num_stages: int = 2, interpret: bool | None = None,
+                            force_packed: bool = False):
+    """Attention of a decode-first batch on the Pallas kernels; inputs already validated (as
+    `attention.paged_sparse_attention` takes them).
+
+    Args:
+      num_decode_tokens: int32 scalar (traced): rows [0, num_decode_tokens) are decodes.
+      prefill_algorithm: "auto", "token", "union" or "k2q" (static; see the module); any
+        other value is a ValueError at trace time.
+      num_splits / num_warps / num_stages: the token kernel's knobs.
+      interpret / force_packed: as in `attention.paged_sparse_attention`, for every path.
+    Returns: [num_tokens, num_heads, head_size] in the query dtype.
+    """
+    check_prefill_algorithm(prefill_algorithm)
+    num_tokens = query.shape[0]
+    args = (spec, query, kv_cache, topk_indices, token_to_req, token_positions, block_table,
+            k_scale, v_scale)
+    common = dict(interpret=interpret, force_packed=force_packed)
+    token_kernel = functools.partial(paged_sparse_attention, *args, num_splits=num_splits,
+                                     num_warps=num_warps, num_stages=num_stages, **common)
+    if prefill_algorithm == "token" or (prefill_algorithm == "auto"
+                                        and num_tokens < UNION_MIN_TOKENS):
+        return token_kernel()
+    decode = jnp.arange(num_tokens, dtype=jnp.int32) < num_decode_tokens
+    if prefill_algorithm == "union":
+        out = paged_sparse_attention_union(*args, token_mask=~decode, **common)
+    elif prefill_algorithm == "k2q":
+        out = paged_sparse_attention_k2q(*args, token_mask=~decode, **common)
+    else:
+        out, left = paged_sparse_attention_union_capped(
+            *args, max_union=max_union(spec.num_queries_per_kv, spec.topk_blocks),
+            token_mask=~decode, **common)
+        if num_tokens >= K2Q_MIN_TOKENS:
+            out = paged_sparse_attention_k2q(*args, token_mask=left, out=out, **common)
+        else:
+            decode = decode | left  # the token kernel takes them with the decodes
+    return token_kernel(token_mask=decode, out=out)
