@@ -35,7 +35,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from interop import SparseAttentionSpec
 
-from .attention import _merge_splits, _scale, _whole
+from .attention import _merge_splits, _scale, _whole, fp16_rows
 from .pages import cache_operand, load_page
 from .selection import LOG2E, MASK_VALUE, select_pages
 
@@ -141,18 +141,6 @@ def plan_k2q(topk_indices, token_to_req, token_positions, block_table, *, num_bl
                    item_start)
 
 
-def _fp16_rows(q, row_scale):
-    """FP8 caches compute in float16 (FP8 -> float16 is one conversion per pair): each query
-    row is scaled by (about) a power of two so its largest magnitude lies near 2^14 (no
-    overflow; bfloat16's 8 significant bits fit in float16's 11). Returns (float16 rows, the
-    per-row score scale that undoes it). The token kernel's rule."""
-    qf = q.astype(jnp.float32)
-    amax = jnp.abs(qf).max(axis=-1)
-    shift = 14.0 - jnp.floor(jnp.log2(jnp.where(amax > 0, amax, 16384.0)))  # zero row: 0
-    q_scale = jnp.exp2(jnp.clip(shift, -120.0, 100.0))
-    return (qf * q_scale[:, None]).astype(jnp.float16), row_scale / q_scale
-
-
 def _k2q_block_kernel(first_token_ref, item_ref, key_ref, token_ref, column_ref, limit_ref,
                       q_ref, cache_ref, k_scale_ref, v_scale_ref, part_ref, lse_ref, *,
                       group: int, group_pad: int, pairs: int, tiles: int, layout: str,
@@ -200,7 +188,7 @@ def _k2q_block_kernel(first_token_ref, item_ref, key_ref, token_ref, column_ref,
                                mask=live[:, None], other=jnp.zeros((), q_ref.dtype))
                 row_scale = jnp.full(rows.shape, score_scale, jnp.float32)
                 if fp16_compute:
-                    q, row_scale = _fp16_rows(q, row_scale)
+                    q, row_scale = fp16_rows(q, row_scale)  # the token kernel's rule
                 scores = plgpu.dot(q, k.astype(q.dtype), trans_b=True)  # [rows, block] f32
                 if k_scale_ref is not None:
                     scores = scores * _scale(k_scale_ref, kv_head, slots)
