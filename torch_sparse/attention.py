@@ -9,7 +9,13 @@ combines them. The split count depends only on shapes, so a CUDA graph can captu
 
 Safety: a top-k entry is followed only when it is a block the token may see, inside the
 block-table row, and its page lies inside the cache; every other entry is masked (its loads
-are predicated off), whatever value it holds.
+are predicated off), whatever value it holds. That rule has one home here, in Triton
+(`_visible_blocks`, `_entry_page`) and in PyTorch ops (`selected_pages`, for device-side plans).
+
+Shared with the prefill paths (`union.py`, `k2q.py`): `_attend_block`, the online-softmax
+step over one block with a per-row key mask, and `_fp16_rows`, the FP8 query scaling. A
+token mask lets the dispatcher (`dispatch.py`) leave rows to those paths; without one the
+compiled kernel is what it was before the mask existed.
 """
 from __future__ import annotations
 
