@@ -317,18 +317,19 @@ def launch_k2q(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
         plan = plan_k2q(topk, block_table, token_to_req, token_positions, num_blocks,
                         block_size=block_size, first_token=start, end_token=end,
                         token_mask=token_mask, pairs_per_item=pairs * TILES_PER_ITEM)
-        _k2q_block_kernel[(plan.item_start.shape[0],)](
-            query, kv_cache, plan.pair_key, plan.pair_token, plan.pair_slot, plan.pair_limit,
-            plan.item_start, part, lse, ks, vs,
-            plan.pair_key.shape[0], num_blocks, start, sm_scale * LOG2_E,
-            query.stride(0), query.stride(1),
-            kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
-            *part.stride()[:3], *lse.stride()[:2],
-            ks_head, ks_slot, vs_head, vs_slot,
-            GROUP=group, GROUP_PAD=group_pad, PAIRS=pairs, TILES=TILES_PER_ITEM,
-            HEAD_SIZE=head_size, BLOCK_SIZE=block_size, HAS_K_SCALE=k_scale is not None,
-            HAS_V_SCALE=v_scale is not None, FP16_COMPUTE=fp8, DOT_DTYPE=dot_dtype,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+        if plan.item_start.shape[0]:  # 0 when no page can be valid (an empty cache or table)
+            _k2q_block_kernel[(plan.item_start.shape[0],)](
+                query, kv_cache, plan.pair_key, plan.pair_token, plan.pair_slot, plan.pair_limit,
+                plan.item_start, part, lse, ks, vs,
+                plan.pair_key.shape[0], num_blocks, start, sm_scale * LOG2_E,
+                query.stride(0), query.stride(1),
+                kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+                *part.stride()[:3], *lse.stride()[:2],
+                ks_head, ks_slot, vs_head, vs_slot,
+                GROUP=group, GROUP_PAD=group_pad, PAIRS=pairs, TILES=TILES_PER_ITEM,
+                HEAD_SIZE=head_size, BLOCK_SIZE=block_size, HAS_K_SCALE=k_scale is not None,
+                HAS_V_SCALE=v_scale is not None, FP16_COMPUTE=fp8, DOT_DTYPE=dot_dtype,
+                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
         _k2q_combine_kernel[(end - start, num_kv_heads)](
             part, lse, output, topk, block_table, token_to_req, token_positions,
             output if token_mask is None else token_mask,
