@@ -269,7 +269,8 @@ def _compile_for_sm90():
         fp8 = cache_dtype != "bf16"
         constexprs = dict(GROUP=16, GROUP_PAD=16, TILE_TOKENS=8, HEAD_SIZE=128,
                           BLOCK_SIZE=128, ENTRIES=128, HAS_K_SCALE=fp8, HAS_V_SCALE=fp8,
-                          FP16_COMPUTE=fp8, DOT_DTYPE=tl.float16 if fp8 else tl.bfloat16)
+                          FP16_COMPUTE=fp8, DOT_DTYPE=tl.float16 if fp8 else tl.bfloat16,
+                          DYNAMIC_LOOP=True)
         pointers = dict(q_ptr="*bf16", cache_ptr=f"*{cache_dtype}", positions_ptr="*i32",
                         out_ptr="*bf16", k_scale_ptr="*fp32", v_scale_ptr="*fp32")
         signature = {}
