@@ -180,11 +180,13 @@ def random_problem(spec: SparseAttentionSpec, query_lens, seq_lens, rng: np.rand
                    *, decode_query_len: int = 1, query_dtype: str = "bfloat16",
                    scale_mode: str = "none", num_tokens: int | None = None,
                    max_blocks: int | None = None, scatter: bool = False,
-                   future_fraction: float = 0.0, empty_fraction: float = 0.0) -> Problem:
+                   future_fraction: float = 0.0, empty_fraction: float = 0.0,
+                   rho: float | None = None) -> Problem:
     """A random batch with a filled cache (every slot of every page random, never zeros).
 
     scale_mode: "none", "scalar" or "per_slot" (FP8 caches; other caches ignore scales).
     num_tokens / max_blocks: pad the token rows / block-table rows to a fixed size.
+    scatter / future_fraction / empty_fraction / rho: the selection, as `make_topk` makes it.
     """
     table, num_blocks = random_block_table(seq_lens, rng, block_size=spec.block_size,
                                            max_blocks=max_blocks)
@@ -215,7 +217,8 @@ def random_problem(spec: SparseAttentionSpec, query_lens, seq_lens, rng: np.rand
         kv_cache=cache.astype(cdt),
         topk_indices=make_topk(md, spec.num_kv_heads, spec.topk_blocks, rng,
                                block_size=spec.block_size, scatter=scatter,
-                               future_fraction=future_fraction, empty_fraction=empty_fraction),
+                               future_fraction=future_fraction, empty_fraction=empty_fraction,
+                               rho=rho),
         metadata=md,
         k_scale=k_scale,
         v_scale=v_scale,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import interop
-from interop.testing import matching_query_dtype, random_problem
+from interop.testing import matching_query_dtype, random_problem, relative_error
 
 pytest.importorskip("torch")
 pytest.importorskip("jax")
@@ -80,6 +80,52 @@ def test_parity_gpu_16_1_speculative(rng, writer):
     problem = random_problem(spec, [2] * 8 + [300], [32768] * 4 + [3000] * 4 + [5000], rng,
                              decode_query_len=2, scale_mode="per_slot")
     _check(problem, writer, "gpu", f"gpu 16/1 spec-decode {writer}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("cache, scale_mode", [("auto", "none"), ("fp8_e4m3", "per_slot"),
+                                               ("fp8_e5m2", "scalar")])
+def test_parity_gpu_prefill_algorithms(rng, cache, scale_mode, layout):
+    """Every prefill path of both front ends on one cache at MiniMax-M3 shapes, correlated
+    selections, a prefill large enough for "auto" to use all three kernels, against a float32
+    reference computed on the device (the float64 one would take minutes here)."""
+    import jax.numpy as jnp
+    import torch
+
+    import jax_sparse
+    import torch_sparse
+    from torch_sparse.reference import sparse_attention_reference
+    spec = interop.SparseAttentionSpec(64, 4, topk_blocks=16, kv_cache_dtype=cache,
+                                       kv_cache_layout=layout)
+    problem = random_problem(spec, [1] * 4 + [1500, 2700, 9], [32768, 9000, 129, 2000, 2100,
+                             2700, 9 + 128 * 3], rng, scale_mode=scale_mode, rho=0.87,
+                             future_fraction=0.1, empty_fraction=0.01)
+    cache_t = interop.kv_cache_to_torch(problem.kv_cache, spec).cuda()
+    cache_j = interop.kv_cache_to_jax(cache_t, spec)
+    md_t, md_j = interop.to_torch(problem.metadata, "cuda"), interop.to_jax(problem.metadata)
+    q_t = interop.to_torch(problem.query, "cuda")
+    topk_t = torch.as_tensor(problem.topk_indices, device="cuda")
+    scales_t = [None if s is None else torch.as_tensor(np.asarray(s, np.float32), device="cuda")
+                for s in (problem.k_scale, problem.v_scale)]
+    ref = torch.empty(q_t.shape, dtype=torch.float32, device="cuda")
+    sparse_attention_reference(q_t, cache_t, topk_t, md_t.block_table, md_t.token_to_req,
+                               md_t.token_positions, ref, spec.scale, *scales_t)
+    ref = ref.cpu().numpy()
+    scales_j = [None if s is None else interop.to_jax(s) for s in scales_t]
+    for algorithm in interop.PREFILL_ALGORITHMS:
+        out_t = torch.full_like(q_t, float("nan"))
+        torch_sparse.sparse_attention(spec, q_t, cache_t, topk_t, md_t, out_t,
+                                      k_scale=scales_t[0], v_scale=scales_t[1],
+                                      prefill_algorithm=algorithm)
+        out_t = out_t.float().cpu().numpy()
+        out_j = np.asarray(jax_sparse.sparse_attention(
+            spec, interop.to_jax(q_t), cache_j, jnp.asarray(problem.topk_indices), md_j,
+            k_scale=scales_j[0], v_scale=scales_j[1], prefill_algorithm=algorithm)
+            .astype(jnp.float32))
+        errors = {"torch": relative_error(out_t, ref), "jax": relative_error(out_j, ref),
+                  "torch vs jax": relative_error(out_t, out_j)}
+        assert max(errors.values()) < TOL, f"{algorithm} {cache} {layout}: {errors}"
 
 
 @pytest.mark.parametrize("argv", [
