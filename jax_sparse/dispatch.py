@@ -28,19 +28,21 @@ from .attention import paged_sparse_attention
 from .k2q import paged_sparse_attention_k2q
 from .union import paged_sparse_attention_union, paged_sparse_attention_union_capped, tile_tokens
 
-# The thresholds are first guesses (the PyTorch dispatcher's), to be tuned on the H100.
+# Thresholds from the H100 benchmark (64/4 heads, top-16, bf16; benchmarks/results/h100).
 # Batches of fewer tokens stay on the token kernel under "auto": too few tiles to gain from
 # planning unions (a sort per tile) and launching more kernels. The padded size decides (a
 # static fact), so a jitted call never changes its kernels between batches.
 UNION_MIN_TOKENS = 512
 # "auto" gives a tile to the union kernel when its largest union over the KV heads is at most
-# this share of the tile's tile_tokens * topk selections. The union kernel does union / share
-# of the useful work per loaded block; a probe on the H100 (GQA 16, 8-token tiles, top-16)
-# put its break-even with k2q near a union of 34 of 128.
+# this share of the tile's tile_tokens * topk selections (32 of 128 at GQA 16). The Pallas
+# union kernel runs at about 220 raw TFLOP/s (220 * 16 / union useful), so it beats the token
+# kernel's 115 up to a union of about 30.
 UNION_MAX_SHARE = 0.25
-# Batches of at least this many (padded) tokens send the tiles the union kernel leaves to k2q
-# (its plan and combine cost less than what it saves); smaller ones to the token kernel.
-K2Q_MIN_TOKENS = 4096
+# Batches of at least this many (padded) tokens send the tiles the union kernel leaves to k2q,
+# smaller ones to the token kernel. The Pallas k2q path never beat the token kernel on the
+# H100 (64k random: 37.3 ms against 36.7; 16k: 10.8 against 9.0), so "auto" leaves those
+# tiles to the token kernel at any size this library is used at; forcing "k2q" still runs it.
+K2Q_MIN_TOKENS = 1 << 30
 
 
 def max_union(num_queries_per_kv: int, topk: int) -> int:

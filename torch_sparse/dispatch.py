@@ -21,18 +21,20 @@ from .attention import launch_sparse_attention
 from .k2q import launch_k2q
 from .union import launch_union, plan_union, tile_tokens, tokens_per_chunk
 
-# The thresholds are first guesses, to be tuned on the H100.
+# Thresholds from the H100 benchmark (64/4 heads, top-16, bf16; benchmarks/results/h100).
 # Prefills of fewer tokens stay on the token kernel under "auto": too few tiles to gain from
 # planning unions (a sort per tile) and launching more kernels.
 UNION_MIN_TOKENS = 512
 # "auto" gives a tile to the union kernel when its largest union over the KV heads is at most
-# this share of the tile's tile_tokens * topk selections. The union kernel does union / share
-# of the useful work per loaded block; a probe on the H100 (GQA 16, 8-token tiles, top-16)
-# put its break-even with k2q near a union of 34 of 128.
-UNION_MAX_SHARE = 0.25
-# Prefills of at least this many tokens send the tiles the union kernel leaves to k2q (its
-# plan and combine cost less than what it saves); smaller ones send them to the token kernel.
-K2Q_MIN_TOKENS = 4096
+# this share of the tile's tile_tokens * topk selections (48 of 128 at GQA 16). The union
+# kernel runs at about 350 raw TFLOP/s, so it delivers 350 * 16 / union useful TFLOP/s: it
+# beats the token kernel's 120 up to a union of about 46 (16k tokens, random selection,
+# union 51: 8.7 ms against 8.3).
+UNION_MAX_SHARE = 0.375
+# Prefills of at least this many tokens send the tiles the union kernel leaves to k2q, smaller
+# ones to the token kernel: k2q's per-chunk plan (a sort of every entry of the chunk) pays off
+# only on long prefills (64k random: 32.2 ms against 35.0; 16k correlated: 11.1 against 8.2).
+K2Q_MIN_TOKENS = 32768
 
 
 def max_union(group: int, topk: int) -> int:
