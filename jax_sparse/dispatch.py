@@ -32,7 +32,10 @@ from .union import paged_sparse_attention_union, paged_sparse_attention_union_ca
 # Batches of fewer tokens stay on the token kernel under "auto": too few tiles to gain from
 # planning unions (a sort per tile) and launching more kernels. The padded size decides (a
 # static fact), so a jitted call never changes its kernels between batches.
-UNION_MIN_TOKENS = 512
+# H100: at 4 x 2048 new tokens after 8192 with random selections, planning the unions costs
+# more than the few small-union tiles save (64/4: 0.91x the token kernel; 16/1: 0.79x), while
+# at 16k tokens it no longer does (64/4 random: 1.09x; correlated: 1.74x).
+UNION_MIN_TOKENS = 16384
 # "auto" gives a tile to the union kernel when its largest union over the KV heads is at most
 # this share of the tile's tile_tokens * topk selections (32 of 128 at GQA 16). The Pallas
 # union kernel runs at about 220 raw TFLOP/s (220 * 16 / union useful), so it beats the token

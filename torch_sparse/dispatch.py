@@ -24,7 +24,10 @@ from .union import launch_union, plan_union, tile_tokens, tokens_per_chunk
 # Thresholds from the H100 benchmark (64/4 heads, top-16, bf16; benchmarks/results/h100).
 # Prefills of fewer tokens stay on the token kernel under "auto": too few tiles to gain from
 # planning unions (a sort per tile) and launching more kernels.
-UNION_MIN_TOKENS = 512
+# H100: at 4 x 2048 new tokens after 8192 with random selections, planning the unions costs
+# more than the few small-union tiles save (64/4: 0.91x the token kernel; 16/1: 0.79x), while
+# at 16k tokens it no longer does (64/4 random: 1.09x; correlated: 1.74x).
+UNION_MIN_TOKENS = 16384
 # "auto" gives a tile to the union kernel when its largest union over the KV heads is at most
 # this share of the tile's tile_tokens * topk selections (48 of 128 at GQA 16). The union
 # kernel runs at about 350 raw TFLOP/s, so it delivers 350 * 16 / union useful TFLOP/s: it
