@@ -34,15 +34,19 @@ UNION_MIN_TOKENS = 16384
 # beats the token kernel's 120 up to a union of about 46 (16k tokens, random selection,
 # union 51: 8.7 ms against 8.3).
 UNION_MAX_SHARE = 0.375
+# FP8 caches: the union kernel runs at about 190 raw TFLOP/s against the token kernel's 100
+# useful (dequantisation per 128-row tile), so it pays up to a union of about 30; this share
+# gives 25 of 128 (H100: at 48, 16/1 heads at 16k random ran 0.91x the token kernel).
+UNION_MAX_SHARE_FP8 = 0.2
 # Prefills of at least this many tokens send the tiles the union kernel leaves to k2q, smaller
 # ones to the token kernel: k2q's per-chunk plan (a sort of every entry of the chunk) pays off
 # only on long prefills (64k random: 32.2 ms against 35.0; 16k correlated: 11.1 against 8.2).
 K2Q_MIN_TOKENS = 32768
 
 
-def max_union(group: int, topk: int) -> int:
+def max_union(group: int, topk: int, fp8: bool = False) -> int:
     """The largest tile union (blocks per KV head) that "auto" gives to the union kernel."""
-    return int(UNION_MAX_SHARE * tile_tokens(group) * topk)
+    return int((UNION_MAX_SHARE_FP8 if fp8 else UNION_MAX_SHARE) * tile_tokens(group) * topk)
 
 
 def sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
@@ -99,7 +103,7 @@ def _union_small_tiles(query, kv_cache, topk, block_table, token_to_req, token_p
     num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
     width = topk.shape[-1]
     tokens = tile_tokens(num_heads // num_kv_heads)
-    limit = max_union(num_heads // num_kv_heads, width)
+    limit = max_union(num_heads // num_kv_heads, width, fp8=kv_cache.element_size() == 1)
     rest = torch.zeros(num_tokens, dtype=torch.bool, device=query.device)
     chunk = tokens_per_chunk(num_kv_heads, width, tokens)
     for start in range(first_token, num_tokens, chunk):
