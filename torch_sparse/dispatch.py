@@ -5,7 +5,8 @@ Decode rows (the first `first_prefill_token` rows) always run on the token kerne
 - "token": the token kernel, one launch with the decode rows (the batch as it always ran).
 - "union": token tiles over the union of their blocks (`union.py`).
 - "k2q": key-to-query (`k2q.py`).
-- "auto": a prefill of fewer than UNION_MIN_TOKENS tokens runs as "token". A larger one is
+- "auto": a prefill of fewer than UNION_MIN_TOKENS tokens, or over an FP8 cache, runs as
+  "token". A larger one is
   planned tile by tile on the device (no host sync): a tile whose union is small enough runs
   on the union kernel; the others go to k2q when the prefill has at least K2Q_MIN_TOKENS
   tokens, else to the token kernel (both take them through a token mask).
@@ -34,19 +35,18 @@ UNION_MIN_TOKENS = 16384
 # beats the token kernel's 120 up to a union of about 46 (16k tokens, random selection,
 # union 51: 8.7 ms against 8.3).
 UNION_MAX_SHARE = 0.375
-# FP8 caches: the union kernel runs at about 190 raw TFLOP/s against the token kernel's 100
-# useful (dequantisation per 128-row tile), so it pays up to a union of about 30; this share
-# gives 25 of 128 (H100: at 48, 16/1 heads at 16k random ran 0.91x the token kernel).
-UNION_MAX_SHARE_FP8 = 0.2
+# FP8 caches stay on the token kernel under "auto": the union kernel runs FP8 at about 190 raw
+# TFLOP/s (bf16: 350), and with the plans' cost "auto" lost to the token kernel on some H100
+# rows whatever the union limit (16/1 heads, 64k tokens: 0.90x at a limit of 48, 0.93x at 25).
 # Prefills of at least this many tokens send the tiles the union kernel leaves to k2q, smaller
 # ones to the token kernel: k2q's per-chunk plan (a sort of every entry of the chunk) pays off
 # only on long prefills (64k random: 32.2 ms against 35.0; 16k correlated: 11.1 against 8.2).
 K2Q_MIN_TOKENS = 32768
 
 
-def max_union(group: int, topk: int, fp8: bool = False) -> int:
+def max_union(group: int, topk: int) -> int:
     """The largest tile union (blocks per KV head) that "auto" gives to the union kernel."""
-    return int((UNION_MAX_SHARE_FP8 if fp8 else UNION_MAX_SHARE) * tile_tokens(group) * topk)
+    return int(UNION_MAX_SHARE * tile_tokens(group) * topk)
 
 
 def sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
@@ -70,7 +70,8 @@ def sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Te
     prefill_tokens = num_tokens - split
     scales = dict(k_scale=k_scale, v_scale=v_scale)
     if (prefill_algorithm == "token" or prefill_tokens == 0
-            or (prefill_algorithm == "auto" and prefill_tokens < UNION_MIN_TOKENS)):
+            or (prefill_algorithm == "auto" and (prefill_tokens < UNION_MIN_TOKENS
+                                                 or kv_cache.element_size() == 1))):
         launch_sparse_attention(query, kv_cache, topk, block_table, output, sm_scale,
                                 token_to_req=token_to_req, token_positions=token_positions,
                                 **scales)
@@ -103,7 +104,7 @@ def _union_small_tiles(query, kv_cache, topk, block_table, token_to_req, token_p
     num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
     width = topk.shape[-1]
     tokens = tile_tokens(num_heads // num_kv_heads)
-    limit = max_union(num_heads // num_kv_heads, width, fp8=kv_cache.element_size() == 1)
+    limit = max_union(num_heads // num_kv_heads, width)
     rest = torch.zeros(num_tokens, dtype=torch.bool, device=query.device)
     chunk = tokens_per_chunk(num_kv_heads, width, tokens)
     for start in range(first_token, num_tokens, chunk):
