@@ -10,7 +10,7 @@ float64 reference would need the whole cache in host memory). write_kv is checke
 the same pages.
 
     python -m pytest -q -m large tests/test_large_cache.py       # about 2 min on an H100
-    bash tests/sanitize_large_cache.sh                          # the same under compute-sanitizer
+    bash tests/sanitize_large_cache.sh      # the PyTorch half under compute-sanitizer (about 30 s)
 """
 import inspect
 
