@@ -225,6 +225,22 @@ def random_problem(spec: SparseAttentionSpec, query_lens, seq_lens, rng: np.rand
     )
 
 
+def poison_unused_slots(problem: Problem) -> None:
+    """Fill every cache slot no token of the batch may attend (past each request's end, spare
+    pages) with NaN, in place: a kernel that reads one, even masked out after the fact, shows
+    NaN in its output."""
+    md, spec = problem.metadata, problem.spec
+    cache = problem.kv_cache.astype(np.float32)
+    used = np.zeros((cache.shape[0], spec.block_size), bool)
+    for r, seq_len in enumerate(np.asarray(md.seq_lens)):
+        pos = np.arange(int(seq_len))
+        used[md.block_table[r, pos // spec.block_size], pos % spec.block_size] = True
+    axes = (0, 2) if spec.kv_cache_layout == "NHD" else (0, 3)  # (page, slot) axes
+    cache = np.moveaxis(cache, axes, (0, 1))
+    cache[~used] = np.nan
+    problem.kv_cache = np.moveaxis(cache, (0, 1), axes).astype(problem.kv_cache.dtype)
+
+
 def relative_error(out, ref) -> float:
     """||out - ref|| / ||ref|| in float64 (NaN anywhere in `out` gives inf)."""
     from .arrays import to_float64

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import interop
-from interop.testing import make_topk, matching_query_dtype, random_problem, relative_error
+from interop.testing import (make_topk, matching_query_dtype, poison_unused_slots, random_problem,
+                             relative_error)
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -154,15 +155,7 @@ def test_nan_outside_attended_keys_is_ignored(rng):
     """Slots no token may attend (past each request's end, spare pages) hold NaN."""
     problem = _problem(rng, "fp8_e4m3", scatter=True, future_fraction=0.5)
     ref = _reference(problem)
-    poisoned = problem.kv_cache.astype(np.float32)
-    md = problem.metadata
-    used = np.zeros((poisoned.shape[0], problem.spec.block_size), bool)
-    for r, seq_len in enumerate(md.seq_lens):
-        for pos in range(seq_len):
-            used[md.block_table[r, pos // 128], pos % 128] = True
-    poisoned = np.moveaxis(poisoned, (0, 2), (0, 1))
-    poisoned[~used] = np.nan
-    problem.kv_cache = np.moveaxis(poisoned, (0, 1), (0, 2)).astype(problem.kv_cache.dtype)
+    poison_unused_slots(problem)
     _check(_run(problem), problem, "NaN-poisoned unused slots", ref=ref)
 
 

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import interop
-from interop.testing import (NUMPY_DTYPES, make_topk, matching_query_dtype, random_problem,
-                             relative_error)
+from interop.testing import (NUMPY_DTYPES, make_topk, matching_query_dtype, poison_unused_slots,
+                             random_problem, relative_error)
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -163,16 +163,7 @@ def test_nan_outside_attended_keys_is_ignored(rng, impl, cache):
     """Slots no token may attend (past each request's end, spare pages) hold NaN."""
     problem = _problem(rng, cache, scatter=True, future_fraction=0.5)
     ref = _reference(problem)
-    poisoned = problem.kv_cache.astype(np.float32)
-    md = problem.metadata
-    used = np.zeros((poisoned.shape[0], problem.spec.block_size), bool)
-    for r, seq_len in enumerate(md.seq_lens):
-        for pos in range(seq_len):
-            used[md.block_table[r, pos // 128], pos % 128] = True
-    axes = (0, 2) if problem.spec.kv_cache_layout == "NHD" else (0, 3)
-    poisoned = np.moveaxis(poisoned, axes, (0, 1))
-    poisoned[~used] = np.nan
-    problem.kv_cache = np.moveaxis(poisoned, (0, 1), axes).astype(problem.kv_cache.dtype)
+    poison_unused_slots(problem)
     _check(_run(problem, impl), ref, f"{impl} {cache} NaN-poisoned unused slots")
 
 

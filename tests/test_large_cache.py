@@ -170,11 +170,14 @@ def test_large_cache(cache, num_pages, layout, owner):
     # write_kv at slots on the mark pages, by each framework, read back through PyTorch.
     slots = torch.tensor([p * 128 + o for p in special for o in (0, 77, 127)], device="cuda")
     dtype = view.dtype
-    _check_write(lambda k, v: torch_sparse.write_kv(view, k, v, slots, spec, k_scale, v_scale)
-                 or view, spec, slots, k_scale, v_scale, dtype, f"torch write_kv {label}")
+    def torch_write(key, value):
+        torch_sparse.write_kv(view, key, value, slots, spec, k_scale, v_scale)
+        return view
+
+    _check_write(torch_write, spec, slots, k_scale, v_scale, dtype, f"torch write_kv {label}")
     # JAX updates a donated cache in place, which it refuses while a PyTorch view of a buffer
     # it owns is alive: drop every view first. (A buffer PyTorch owns is copied instead.)
-    del view, out
+    del torch_write, view, out
     scales = [None if s is None else interop.to_jax(s) for s in (k_scale, v_scale)]
 
     def jax_write(key, value):

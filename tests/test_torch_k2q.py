@@ -1,15 +1,12 @@
 """torch_sparse.k2q (key-to-query prefill) against the float64 reference: the launcher on mixed
 batches (interpreted on a CPU), its plan against a NumPy inversion, chunking, token masks,
 and the main kernel compiled for sm_90 (wgmma)."""
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import interop
 from interop.testing import make_topk, random_problem, relative_error
+from tests.compiled import run_without_interpreter
 
 torch = pytest.importorskip("torch")
 from torch_sparse import k2q  # noqa: E402
@@ -269,16 +266,10 @@ def _compile_for_sm90():
 
 def test_main_kernel_uses_wgmma_on_sm90():
     """Compiled (not interpreted) in a child process: the kernels must be JIT functions."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(
-        [sys.executable, "-c", "from tests.test_torch_k2q import _compile_for_sm90 as f; f()"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    lines = run_without_interpreter("test_torch_k2q", "_compile_for_sm90")
     for case in ("bf16/bf16", "bf16/fp8e4nv", "fp16/fp8e5"):
         assert f"{case} wgmma=True" in lines, f"{case}: no wgmma in the sm_90 PTX: {lines}"
-    assert "combine compiled" in result.stdout
+    assert "combine compiled" in lines
 
 
 # --- GPU --------------------------------------------------------------------------------------

@@ -2,15 +2,12 @@
 forced and "auto" (both of its leftover paths) on mixed decode + prefill batches (interpreted
 on a CPU), `plan_union` against a NumPy union, the token kernel's token mask, bad algorithm
 names, and the union kernel compiled for sm_90 (wgmma)."""
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import interop
 from interop.testing import make_topk, random_problem, relative_error
+from tests.compiled import run_without_interpreter
 
 torch = pytest.importorskip("torch")
 import torch_sparse  # noqa: E402
@@ -290,12 +287,6 @@ def _compile_for_sm90():
 
 def test_union_kernel_uses_wgmma_on_sm90():
     """Compiled (not interpreted) in a child process: the kernel must be a JIT function."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(
-        [sys.executable, "-c", "from tests.test_torch_prefill import _compile_for_sm90 as f; f()"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    lines = run_without_interpreter("test_torch_prefill", "_compile_for_sm90")
     for case in ("bf16", "fp8e4nv"):
         assert f"{case} wgmma=True" in lines, f"{case}: no wgmma in the sm_90 PTX: {lines}"
