@@ -69,10 +69,12 @@ def _median_ms(fn, sync, warmup: int, iters: int) -> float:
 
 
 def run_cross_framework(problem: Problem, *, writer: str, device: str = "cpu",
-                        time_iters: int = 0) -> CrossFrameworkResult:
+                        time_iters: int = 0,
+                        prefill_algorithm: str = "auto") -> CrossFrameworkResult:
     """Write `problem`'s new K/V with `writer` ("torch" or "jax"), attend from both.
 
     device: "cpu" (interpreted kernels) or "gpu". time_iters > 0 also times each attention.
+    prefill_algorithm: the path both front ends take for the prefill tokens.
     """
     import jax
     import torch
@@ -122,10 +124,11 @@ def run_cross_framework(problem: Problem, *, writer: str, device: str = "cpu",
 
     def torch_call():
         return torch_sparse.sparse_attention(spec, t_query, t_cache, t_topk, t_md, t_out,
-                                             k_scale=t_ks, v_scale=t_vs)
+                                             k_scale=t_ks, v_scale=t_vs,
+                                             prefill_algorithm=prefill_algorithm)
     def jax_call():  # jitted inside
         return jax_sparse.sparse_attention(spec, j_query, j_cache, j_topk, j_md, k_scale=j_ks,
-                                           v_scale=j_vs)
+                                           v_scale=j_vs, prefill_algorithm=prefill_algorithm)
 
     torch_call()
     j_out = jax_call().block_until_ready()

@@ -182,9 +182,10 @@ def _garbage_topk(problem, rng):
     return np.where(topk == -1, junk, topk).astype(np.int32)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl, algorithm", [("xla", "auto"), ("pallas", "token"),
+                                             ("pallas", "union"), ("pallas", "k2q")])
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
-def test_garbage_topk_and_block_table(rng, impl, layout):
+def test_garbage_topk_and_block_table(rng, impl, algorithm, layout):
     problem = _problem(rng, layout=layout, topk=16, num_tokens=40, scatter=True)
     problem.topk_indices = _garbage_topk(problem, rng)
     # Pages outside the cache in a block the token may see: masked, never followed.
@@ -192,7 +193,8 @@ def test_garbage_topk_and_block_table(rng, impl, layout):
     table = problem.metadata.block_table.copy()
     table[0, 0], table[3, 1], table[2, 4] = num_blocks + 5, -3, 2**31 - 1
     problem.metadata = problem.metadata.replace(block_table=table)
-    _check(_run(problem, impl), _reference(problem), f"{impl} {layout} garbage top-k")
+    _check(_run(problem, impl, prefill_algorithm=algorithm), _reference(problem),
+           f"{impl} {algorithm} {layout} garbage top-k")
 
 
 # --- the seed's calls --------------------------------------------------------------------------

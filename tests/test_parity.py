@@ -16,8 +16,9 @@ CACHE = ["auto", "float16", "fp8_e4m3", "fp8_e5m2"]
 TOL = 1e-2  # bf16/fp16 queries and P in the dot products; fp8 values are exact in bf16
 
 
-def _check(problem, writer, device, label):
-    res = run_cross_framework(problem, writer=writer, device=device)
+def _check(problem, writer, device, label, prefill_algorithm="auto"):
+    res = run_cross_framework(problem, writer=writer, device=device,
+                              prefill_algorithm=prefill_algorithm)
     assert res.zero_copy, f"{label}: the cache crossed frameworks through a copy"
     errs = res.errors
     assert max(errs.values()) < TOL, f"{label}: {errs}"
@@ -45,6 +46,21 @@ def test_parity_cpu_fp8_scales(rng, writer, scale_mode):
     problem = random_problem(spec, [2, 2, 7], [260, 2, 140], rng, decode_query_len=2,
                              scale_mode=scale_mode)
     _check(problem, writer, "cpu", f"{writer} fp8 {scale_mode}")
+
+
+@pytest.mark.parametrize("algorithm", ["union", "k2q"])
+@pytest.mark.parametrize("cache, layout, writer", [("auto", "HND", "torch"),
+                                                   ("fp8_e4m3", "NHD", "jax")])
+def test_parity_cpu_prefill_algorithms(rng, algorithm, cache, layout, writer):
+    """The union and key-to-query paths of both front ends on one cache, correlated and
+    scattered rows, tiles that straddle requests."""
+    spec = interop.SparseAttentionSpec(16, 1, topk_blocks=4, kv_cache_dtype=cache,
+                                       kv_cache_layout=layout)
+    problem = random_problem(spec, [1, 1, 13, 20], [300, 129, 270, 20], rng,
+                             query_dtype=matching_query_dtype(cache), rho=0.87,
+                             future_fraction=0.3, empty_fraction=0.05,
+                             scale_mode="per_slot" if cache != "auto" else "none")
+    _check(problem, writer, "cpu", f"{algorithm} {writer} {cache} {layout}", algorithm)
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])

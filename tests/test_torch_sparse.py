@@ -67,12 +67,13 @@ def _assert_close(out, ref, case, rows=None):
     assert err < TOL, f"{case}: relative error {err:.3e} (limit {TOL})"
 
 
-def _run_sparse_attention(problem, impl=None, **overrides):
+def _run_sparse_attention(problem, impl=None, prefill_algorithm="auto", **overrides):
     t = {**_torch(problem), **overrides}
     out = torch.full_like(t["query"], float("nan"))  # an unwritten element fails
     result = torch_sparse.sparse_attention(problem.spec, t["query"], t["kv_cache"], t["topk"],
                                            t["metadata"], out, k_scale=t["k_scale"],
-                                           v_scale=t["v_scale"], impl=impl)
+                                           v_scale=t["v_scale"], impl=impl,
+                                           prefill_algorithm=prefill_algorithm)
     assert result is out
     return out
 
@@ -149,7 +150,8 @@ def test_prefill_entry_point(rng, layout):
     _assert_close(out, _reference(problem), f"prefill {layout}")
 
 
-def test_garbage_topk_and_block_table_stay_inside_the_cache(rng):
+@pytest.mark.parametrize("algorithm", ["token", "union", "k2q"])
+def test_garbage_topk_and_block_table_stay_inside_the_cache(rng, algorithm):
     """Huge, negative and INT32_MIN entries, and bad pages in the block table, are masked: the
     cache sits between NaN guard blocks, so any read outside it would poison the output."""
     spec = _spec()
@@ -172,8 +174,9 @@ def test_garbage_topk_and_block_table_stay_inside_the_cache(rng):
     guarded[4:-4] = t["kv_cache"]
     out = _run_sparse_attention(problem, kv_cache=guarded[4:-4],
                                 topk=interop.to_torch(topk, DEVICE),
-                                metadata=interop.to_torch(bad_md, DEVICE))
-    _assert_close(out, _reference(problem, topk, bad_md), "garbage top-k")
+                                metadata=interop.to_torch(bad_md, DEVICE),
+                                prefill_algorithm=algorithm)
+    _assert_close(out, _reference(problem, topk, bad_md), f"{algorithm} garbage top-k")
 
 
 @pytest.mark.parametrize("cache,layout,scale_mode", [("auto", "HND", "none"),
