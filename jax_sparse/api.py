@@ -19,13 +19,17 @@ from .dispatch import sparse_attention_pallas
 from .validation import check_attention_inputs, check_scale
 from .xla import sparse_attention_xla
 
-IMPLEMENTATIONS = ("pallas", "xla")
+IMPLEMENTATIONS = ("pallas", "mosaic", "tpu", "xla")
 _KNOBS = ("implementation", "num_splits", "num_warps", "num_stages")
 
 
 def default_implementation() -> str:
-    """Pallas where it runs (Triton on a GPU, interpret mode on CPU), XLA elsewhere."""
-    return "pallas" if jax.default_backend() in ("gpu", "cpu") else "xla"
+    """The platform's default: "tpu" (Pallas TPU) on a TPU, "pallas" (Pallas on the Triton
+    backend) on a GPU and on CPU (interpret mode), "xla" elsewhere."""
+    backend = jax.default_backend()
+    if backend == "tpu":
+        return "tpu"
+    return "pallas" if backend in ("gpu", "cpu") else "xla"
 
 
 def _attention(spec, query, kv_cache, topk_indices, token_to_req, token_positions, block_table,
@@ -46,10 +50,18 @@ def _attention(spec, query, kv_cache, topk_indices, token_to_req, token_position
             check_scale("v_scale", v_scale, spec, num_blocks))
     if implementation == "xla":
         return sparse_attention_xla(*args)
+    num_decode_tokens = jnp.asarray(num_decode_tokens, jnp.int32)
+    if implementation == "tpu":
+        from .tpu import sparse_attention_tpu
+        return sparse_attention_tpu(*args, num_decode_tokens=num_decode_tokens,
+                                    prefill_algorithm=prefill_algorithm)
+    if implementation == "mosaic":
+        from .mosaic import sparse_attention_mosaic
+        return sparse_attention_mosaic(*args, num_decode_tokens=num_decode_tokens,
+                                       prefill_algorithm=prefill_algorithm)
     if num_splits is not None and (num_splits < 1 or spec.topk_blocks % num_splits):
         raise ValueError(f"num_splits {num_splits!r} must be a positive divisor of "
                          f"topk_blocks ({spec.topk_blocks})")
-    num_decode_tokens = jnp.asarray(num_decode_tokens, jnp.int32)
     return sparse_attention_pallas(*args, num_decode_tokens=num_decode_tokens,
                                    prefill_algorithm=prefill_algorithm, num_splits=num_splits,
                                    num_warps=num_warps, num_stages=num_stages)
@@ -80,7 +92,9 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
         token_positions, block_table and num_decode_tokens (traced) are read.
       k_scale / v_scale: FP8 caches only: None, a scalar or [num_kv_heads, num_blocks *
         block_size] float32 indexed by slot.
-      implementation: "pallas" or "xla"; default: `default_implementation()`.
+      implementation: one of IMPLEMENTATIONS: "pallas" (Pallas, Triton backend; GPU, or
+        interpret mode on CPU), "mosaic" (Pallas, Mosaic GPU; Hopper GPUs), "tpu" (Pallas
+        TPU; a TPU, or interpret mode on CPU) or "xla"; default: `default_implementation()`.
       prefill_algorithm: the Pallas path of the prefill tokens (a jit static): "auto" (the
         dispatcher, `jax_sparse.dispatch`), "token", "union" or "k2q"; every value gives the
         same result within rounding. The XLA implementation checks it and has one path.
