@@ -6,6 +6,8 @@ import pytest
 
 import interop
 from interop.testing import make_topk, random_problem, relative_error
+from tests.compiled import run_without_interpreter
+from tests.device_reference import torch_reference
 
 torch = pytest.importorskip("torch")
 import torch_sparse  # noqa: E402
@@ -58,6 +60,13 @@ def _reference(problem, topk=None, metadata=None):
         problem.spec, problem.query, problem.kv_cache,
         problem.topk_indices if topk is None else topk,
         problem.metadata if metadata is None else metadata, problem.k_scale, problem.v_scale)
+
+
+def _device_reference(problem):
+    """The GPU tests' float32 reference on the device (the float64 one takes seconds per
+    M3-shaped case on the host)."""
+    return torch_reference(problem.spec, problem.query, problem.kv_cache, problem.topk_indices,
+                           problem.metadata, problem.k_scale, problem.v_scale)
 
 
 def _assert_close(out, ref, case, rows=None):
@@ -134,6 +143,55 @@ def test_decode_entry_point(rng, decode_query_len):
         t["query"], t["kv_cache"], t["topk"], md.decode.block_table, md.decode.seq_lens, 2,
         spec.scale, out, lens)
     _assert_close(out, _reference(problem), f"decode L={lens}")
+    # The last split merged in the same launch and left the arrival counters at zero, so a
+    # second call (reusing them) gives the same output.
+    counters = torch_sparse.attention._arrival_counters(out.device, 0)
+    assert not counters.any(), f"decode L={lens}: arrival counters left non-zero"
+    again = torch.full_like(out, float("nan"))
+    torch_sparse.minimax_m3_sparse_attn_decode(
+        t["query"], t["kv_cache"], t["topk"], md.decode.block_table, md.decode.seq_lens, 2,
+        spec.scale, again, lens)
+    assert torch.equal(again, out), f"decode L={lens}: a second call differs"
+
+
+def _compile_decode_for_sm90():
+    """Compile the split-K decode kernel for sm_90; print its synchronisation instructions."""
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from torch_sparse import attention
+    ints = ("num_reqs num_blocks max_blocks stride_qt stride_qh stride_blk stride_kv "
+            "stride_tok stride_head stride_kg stride_kt stride_kk stride_bt stride_os "
+            "stride_ot stride_oh stride_ls stride_lt stride_fot stride_foh ks_head ks_slot "
+            "vs_head vs_slot").split()
+    signature = dict(q_ptr="*bf16", cache_ptr="*bf16", topk_ptr="*i32",
+                     block_table_ptr="*i32", token_to_req_ptr="*i32", positions_ptr="*i32",
+                     token_mask_ptr="*i1", out_ptr="*fp32", lse_ptr="*fp32",
+                     k_scale_ptr="*fp32", v_scale_ptr="*fp32", final_ptr="*bf16",
+                     counter_ptr="*i32", qk_scale="fp32", **dict.fromkeys(ints, "i32"))
+    constexprs = dict(GROUP=16, GROUP_PAD=16, HEAD_SIZE=128, BLOCK_SIZE=128, TOPK=16,
+                      NUM_SPLITS=16, CHUNK=1, DECODE_QUERY_LEN=1, HAS_TOKEN_MASK=False,
+                      HAS_K_SCALE=False, HAS_V_SCALE=False, FP16_COMPUTE=False,
+                      DOT_DTYPE=tl.bfloat16)
+    compiled = triton.compile(ASTSource(attention._sparse_attn_kernel, signature, constexprs),
+                              target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=attention.NUM_WARPS,
+                                           num_stages=attention.NUM_STAGES))
+    for line in compiled.asm["ptx"].splitlines():
+        if "atom." in line or "bar.sync" in line:
+            print(line.strip())
+
+
+def test_decode_merge_synchronises_on_sm90():
+    """Compiled (not interpreted), in a child process: the split programs publish their
+    partials with a CTA barrier and a gpu-scope acq_rel arrival counter, which is reset."""
+    lines = run_without_interpreter("test_torch_sparse", "_compile_decode_for_sm90")
+    atomics = [line for line in lines if "atom." in line]
+    assert any("atom.global.gpu.acq_rel.add" in line for line in atomics), lines
+    assert any(".exch" in line for line in atomics), f"counter never reset: {atomics}"
+    assert any("bar.sync" in line for line in lines), "no CTA barrier before the release"
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
@@ -478,7 +536,8 @@ class _DecodeLayer(torch.nn.Module):
         return out + 0.0
 
 
-def _compiled_decode_case(rng, spec, backend, impl, seq_lens):
+def _compiled_decode_case(rng, spec, backend, impl, seq_lens,
+                          reference=interop.reference_attention):
     problem = random_problem(spec, [1] * len(seq_lens), seq_lens, rng, scatter=True)
     t = _torch(problem)
     md = t["metadata"]
@@ -492,8 +551,7 @@ def _compiled_decode_case(rng, spec, backend, impl, seq_lens):
     out = compiled(*args[:3], t["kv_cache"], *args[4:])
     expected = model(*args[:3], eager_cache, *args[4:])
     assert torch.equal(t["kv_cache"].float(), eager_cache.float()), "compiled write_kv differs"
-    ref = interop.reference_attention(spec, problem.query, t["kv_cache"], problem.topk_indices,
-                                      problem.metadata)
+    ref = reference(spec, problem.query, t["kv_cache"], problem.topk_indices, problem.metadata)
     _assert_close(out, ref, f"torch.compile({backend}) {impl}")
     _assert_close(expected, ref, f"eager {impl}")
 
@@ -520,7 +578,7 @@ def test_gpu_m3_shapes(rng, heads, kv_heads, cache, layout, scale_mode):
                              rng, scale_mode=scale_mode, scatter=True, future_fraction=0.2,
                              empty_fraction=0.01)
     out = _run_sparse_attention(problem)
-    _assert_close(out, _reference(problem), f"gpu {heads}/{kv_heads} {cache}/{layout}")
+    _assert_close(out, _device_reference(problem), f"gpu {heads}/{kv_heads} {cache}/{layout}")
 
 
 @pytest.mark.gpu
@@ -557,12 +615,11 @@ def test_gpu_decode_cuda_graph(rng, heads, decode_query_len):
         out.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        ref = interop.reference_attention(spec, query, problem.kv_cache, selection,
-                                          problem.metadata)
+        ref = torch_reference(spec, query, t["kv_cache"], selection, problem.metadata)
         _assert_close(out, ref, f"cuda graph replay {replay} {heads} L={lens}")
 
 
 @pytest.mark.gpu
 def test_gpu_compile_fullgraph_inductor(rng):
     _compiled_decode_case(rng, _spec((64, 4), topk=16), "inductor", "triton",
-                          [32768, 4096, 129, 700])
+                          [32768, 4096, 129, 700], reference=torch_reference)

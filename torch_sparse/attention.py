@@ -4,8 +4,10 @@ One kernel body serves prefill and decode. A program handles one (token, KV head
 it loads the token's whole GQA group of queries (padded to a `tl.dot` tile of >= 16 rows),
 walks its share of the token's top-k row and attends each valid selected block with an online
 softmax in fp32 (base 2). With one split it writes the final output; with several (split-K
-decode) each program writes a partial output and its log-sum-exp, and `_merge_splits_kernel`
-combines them. The split count depends only on shapes, so a CUDA graph can capture a decode.
+decode) each program writes a partial output and its log-sum-exp, and the last split of a
+(token, KV head) to finish combines them (`_merge_splits`, in the same launch: an arrival
+counter per (token, KV head) says which split is last). The split count depends only on
+shapes, so a CUDA graph can capture a decode.
 
 Safety: a top-k entry is followed only when it is a block the token may see, inside the
 block-table row, and its page lies inside the cache; every other entry is masked (its loads
@@ -34,6 +36,9 @@ NUM_STAGES = 2
 LOG2_E = 1.4426950408889634
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# Split-K arrival counters, one int32 per (token, KV head), per (device, stream); see
+# `_arrival_counters`.
+_COUNTERS: dict = {}
 
 
 def selected_pages(topk: torch.Tensor, block_table: torch.Tensor, token_to_req: torch.Tensor,
@@ -133,16 +138,49 @@ def _attend_block(acc, m_i, l_i, q, kv_ptr, k_scale_ptr, v_scale_ptr, page, load
 
 
 @triton.jit
+def _merge_splits(part_ptr, lse_ptr, out_ptr, t, kv_head,
+                  stride_ps, stride_pt, stride_ph, stride_ls, stride_lt, stride_ot, stride_oh,
+                  GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                  NUM_SPLITS: tl.constexpr):
+    """out = sum_s 2^(lse_s - lse) * part_s for the GQA group of one (token, KV head), in one
+    pass (a running max rescales the sum, so the partials load with their lse); every split
+    empty (all lse -inf): zeros. Partials are read from L2 (.cg): other SMs wrote them."""
+    head = kv_head * GROUP + tl.arange(0, GROUP_PAD)
+    head_mask = tl.arange(0, GROUP_PAD) < GROUP
+    offs_d = tl.arange(0, HEAD_SIZE)
+    lse_row = lse_ptr + t * stride_lt + head
+    part_rows = part_ptr + t * stride_pt + head[:, None] * stride_ph + offs_d[None, :]
+    peak = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    total = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_SIZE], tl.float32)
+    for s in tl.static_range(NUM_SPLITS):
+        lse = tl.load(lse_row + s * stride_ls, mask=head_mask, other=float("-inf"),
+                      cache_modifier=".cg")
+        part = tl.load(part_rows + s * stride_ps, mask=head_mask[:, None], other=0.0,
+                       cache_modifier=".cg")
+        new_peak = tl.maximum(peak, lse)
+        safe = tl.where(new_peak == float("-inf"), 0.0, new_peak)  # no inf - inf
+        alpha = tl.exp2(peak - safe)
+        weight = tl.exp2(lse - safe)
+        total = total * alpha + weight
+        acc = acc * alpha[:, None] + weight[:, None] * part
+        peak = new_peak
+    out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    tl.store(out_ptr + t * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+
+
+@triton.jit
 def _sparse_attn_kernel(
         q_ptr, cache_ptr, topk_ptr, block_table_ptr, token_to_req_ptr, positions_ptr,
-        token_mask_ptr, out_ptr, lse_ptr, k_scale_ptr, v_scale_ptr,
+        token_mask_ptr, out_ptr, lse_ptr, k_scale_ptr, v_scale_ptr, final_ptr, counter_ptr,
         num_reqs, num_blocks, max_blocks, qk_scale,
         stride_qt, stride_qh,
         stride_blk, stride_kv, stride_tok, stride_head,
         stride_kg, stride_kt, stride_kk,
         stride_bt,
         stride_os, stride_ot, stride_oh,
-        stride_ls, stride_lt,
+        stride_ls, stride_lt, stride_fot, stride_foh,
         ks_head, ks_slot, vs_head, vs_slot,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, NUM_SPLITS: tl.constexpr,
@@ -154,7 +192,10 @@ def _sparse_attn_kernel(
     DECODE_QUERY_LEN > 0: token t is query j = t % L of request t // L, at position
     seq_lens[r] - L + j (token_to_req_ptr holds seq_lens). 0: token_to_req / positions say it.
     HAS_TOKEN_MASK: a token whose mask entry is 0 is skipped (nothing read or written).
-    NUM_SPLITS == 1 writes the output; otherwise out_ptr / lse_ptr are fp32 partials.
+    NUM_SPLITS == 1 writes the output; otherwise out_ptr / lse_ptr are fp32 partials and the
+    last split of a (token, KV head) to finish merges them into final_ptr: an int32 counter
+    per (token, KV head) at counter_ptr, zero on entry, counts the arrivals and is left zero
+    again. (One launch: a separate merge kernel costs about 2 us more per decode on an H100.)
     """
     t = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -211,48 +252,37 @@ def _sparse_attn_kernel(
         if NUM_SPLITS > 1:
             lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
             tl.store(lse_ptr + split * stride_ls + t64 * stride_lt + head, lse, mask=head_mask)
-
-
-@triton.jit
-def _merge_splits_kernel(part_ptr, lse_ptr, out_ptr, token_mask_ptr,
-                         stride_ps, stride_pt, stride_ph, stride_ls, stride_lt,
-                         stride_ot, stride_oh,
-                         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
-                         NUM_SPLITS: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr):
-    """Grid (num_tokens, num_kv_heads): out = sum_s 2^(lse_s - lse) * part_s per query head
-    (HAS_TOKEN_MASK: tokens whose mask entry is 0 are not written)."""
-    t = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1) * GROUP + tl.arange(0, GROUP_PAD)
-    rows = GROUP
-    if HAS_TOKEN_MASK:
-        rows = tl.where(tl.load(token_mask_ptr + t) != 0, GROUP, 0)
-    head_mask = tl.arange(0, GROUP_PAD) < rows
-    offs_d = tl.arange(0, HEAD_SIZE)
-    lse_row = lse_ptr + t * stride_lt + head
-    part_rows = part_ptr + t * stride_pt + head[:, None] * stride_ph + offs_d[None, :]
-    peak = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        peak = tl.maximum(peak, tl.load(lse_row + s * stride_ls, mask=head_mask,
-                                        other=float("-inf")))
-    # Every split empty (peak = -inf): all weights are 0 and the output is zeros.
-    peak = tl.where(peak == float("-inf"), 0.0, peak)
-    total = tl.zeros([GROUP_PAD], tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_SIZE], tl.float32)
-    for s in tl.static_range(NUM_SPLITS):
-        weight = tl.exp2(tl.load(lse_row + s * stride_ls, mask=head_mask,
-                                 other=float("-inf")) - peak)
-        total += weight
-        acc += weight[:, None] * tl.load(part_rows + s * stride_ps, mask=head_mask[:, None],
-                                         other=0.0)
-    out = acc / tl.where(total > 0, total, 1.0)[:, None]
-    tl.store(out_ptr + t * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
+            # Every thread's partial stores happen before the release (a CTA barrier, then
+            # one gpu-scope acq_rel atomic); the last arrival acquires them all.
+            tl.debug_barrier()
+            counter = counter_ptr + t64 * tl.num_programs(1) + kv_head
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+            if arrived == NUM_SPLITS - 1:
+                _merge_splits(out_ptr, lse_ptr, final_ptr, t64, kv_head, stride_os, stride_ot,
+                              stride_oh, stride_ls, stride_lt, stride_fot, stride_foh, GROUP,
+                              GROUP_PAD, HEAD_SIZE, NUM_SPLITS)
+                tl.atomic_xchg(counter, 0)
 
 
 def num_splits_for(num_tokens: int, num_kv_heads: int, topk: int) -> int:
     """Split-K count from shapes only (a power of two): more splits when few programs run."""
     target = max(1, min(topk, MAX_SPLITS, TARGET_PROGRAMS // max(1, num_tokens * num_kv_heads)))
     return 1 << (target.bit_length() - 1)
+
+
+def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """Zeroed int32 split-K arrival counters (at least `count`) for the current stream of
+    `device`. The kernel leaves them zero, so they are allocated once and reused by every
+    later launch on that stream, CUDA-graph captures included (a buffer first allocated
+    during a capture is zeroed by that graph too). Launches on different streams never share
+    counters; two CUDA graphs captured on one stream must not be replayed concurrently."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
+        _COUNTERS[key] = counters
+    return counters
 
 
 def _scale_args(scale: torch.Tensor | None, fallback: torch.Tensor):
@@ -312,15 +342,18 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
     fp8 = kv_cache.element_size() == 1
     ks, ks_head, ks_slot = _scale_args(k_scale, output)
     vs, vs_head, vs_slot = _scale_args(v_scale, output)
+    counters = output
+    if splits > 1:
+        counters = _arrival_counters(query.device, num_tokens * num_kv_heads)
     _sparse_attn_kernel[(num_tokens, num_kv_heads, splits)](
         query, kv_cache, topk, block_table, token_to_req, token_positions,
-        output if token_mask is None else token_mask, part, lse, ks, vs,
+        output if token_mask is None else token_mask, part, lse, ks, vs, output, counters,
         num_reqs, num_blocks, block_table.shape[1], sm_scale * LOG2_E,
         query.stride(0), query.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         topk.stride(0), topk.stride(1), topk.stride(2),
         block_table.stride(0),
-        *part_strides, *lse_strides,
+        *part_strides, *lse_strides, output.stride(0), output.stride(1),
         ks_head, ks_slot, vs_head, vs_slot,
         GROUP=group, GROUP_PAD=group_pad, HEAD_SIZE=head_size,
         BLOCK_SIZE=block_size, TOPK=width, NUM_SPLITS=splits, CHUNK=triton.cdiv(width, splits),
@@ -330,9 +363,3 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
         FP16_COMPUTE=fp8,
         DOT_DTYPE=tl.float32 if INTERPRETED else (tl.float16 if fp8 else _TL_DTYPES[query.dtype]),
         num_warps=num_warps, num_stages=num_stages)
-    if splits > 1:
-        _merge_splits_kernel[(num_tokens, num_kv_heads)](
-            part, lse, output, output if token_mask is None else token_mask, *part_strides,
-            *lse_strides, output.stride(0), output.stride(1),
-            GROUP=group, GROUP_PAD=group_pad, HEAD_SIZE=head_size, NUM_SPLITS=splits,
-            HAS_TOKEN_MASK=token_mask is not None, num_warps=num_warps)
