@@ -69,12 +69,14 @@ def _median_ms(fn, sync, warmup: int, iters: int) -> float:
 
 
 def run_cross_framework(problem: Problem, *, writer: str, device: str = "cpu",
-                        time_iters: int = 0,
-                        prefill_algorithm: str = "auto") -> CrossFrameworkResult:
+                        time_iters: int = 0, prefill_algorithm: str = "auto",
+                        reference=None) -> CrossFrameworkResult:
     """Write `problem`'s new K/V with `writer` ("torch" or "jax"), attend from both.
 
     device: "cpu" (interpreted kernels) or "gpu". time_iters > 0 also times each attention.
     prefill_algorithm: the path both front ends take for the prefill tokens.
+    reference: None for the float64 `reference_attention` on the host, or a function with its
+      arguments (the cache: the physical JAX array) that computes the expected output.
     """
     import jax
     import torch
@@ -132,10 +134,13 @@ def run_cross_framework(problem: Problem, *, writer: str, device: str = "cpu",
 
     torch_call()
     j_out = jax_call().block_until_ready()
+    ref_cache = j_cache if reference else np.asarray(j_cache)
+    expected = (reference or reference_attention)(spec, problem.query, ref_cache,
+                                                  problem.topk_indices, md, problem.k_scale,
+                                                  problem.v_scale)
     result = CrossFrameworkResult(
         writer=writer, zero_copy=bool(zero_copy),
-        reference=reference_attention(spec, problem.query, np.asarray(j_cache), problem.topk_indices,
-                                      md, problem.k_scale, problem.v_scale),
+        reference=np.asarray(expected, np.float64),
         torch_out=t_out.float().cpu().numpy().astype(np.float64),
         jax_out=np.asarray(j_out).astype(np.float64))
     if time_iters:

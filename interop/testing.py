@@ -197,7 +197,7 @@ def random_problem(spec: SparseAttentionSpec, query_lens, seq_lens, rng: np.rand
     qdt = NUMPY_DTYPES[query_dtype]
     cdt = NUMPY_DTYPES[spec.cache_storage_dtype(query_dtype)]
     shape = spec.physical_kv_cache_shape(num_blocks)
-    cache = rng.standard_normal(shape).astype(np.float32)
+    cache = rng.standard_normal(shape, dtype=np.float32)  # float32 draws: half the host time
     if scale_mode == "none":
         k_scale = v_scale = None
     elif scale_mode == "scalar":

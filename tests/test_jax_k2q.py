@@ -11,6 +11,7 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 from jax_sparse import k2q  # noqa: E402
+from tests.device_reference import jax_reference  # noqa: E402
 
 TOL = 1e-2  # bf16/fp16 queries, P and partials; fp8 values are exact in bf16
 # A mixed decode-first batch: 3 decodes (one at a block edge), then 2 prefill chunks (one
@@ -277,5 +278,7 @@ def test_gpu_m3_shapes(rng, heads, layout, cache, packed):
     md = problem.metadata
     mask = np.arange(md.num_tokens) >= md.num_decode_tokens
     out = _poisoned_out(problem, rng, mask)
+    ref = jax_reference(problem.spec, problem.query, problem.kv_cache, problem.topk_indices, md,
+                        problem.k_scale, problem.v_scale)  # float32 on the device
     _check(_run(problem, mask, out, force_packed=packed), problem,
-           f"gpu {cache} packed={packed} {layout} {heads}", mask, out)
+           f"gpu {cache} packed={packed} {layout} {heads}", mask, out, ref=ref)

@@ -11,6 +11,7 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 import jax_sparse  # noqa: E402
+from tests.device_reference import jax_reference  # noqa: E402
 
 TOL = 1e-2  # bf16/fp16 queries and P in the dot products; fp8 values are exact in bf16
 IMPLS = ["pallas", "xla"]
@@ -36,6 +37,13 @@ def _reference(problem, kv_cache=None):
     return interop.reference_attention(
         problem.spec, problem.query, problem.kv_cache if kv_cache is None else kv_cache,
         problem.topk_indices, problem.metadata, problem.k_scale, problem.v_scale)
+
+
+def _device_reference(problem):
+    """The GPU tests' float32 reference on the device (the float64 one takes seconds per
+    M3-shaped case on the host)."""
+    return jax_reference(problem.spec, problem.query, problem.kv_cache, problem.topk_indices,
+                         problem.metadata, problem.k_scale, problem.v_scale)
 
 
 def _check(out, ref, label, tol=TOL):
@@ -460,7 +468,8 @@ def test_gpu_m3_shapes(rng, impl, layout, cache, heads):
                        seq_lens=[32768, 9000, 129, 2000, 20000, 5, 200, 4400],
                        scale_mode="per_slot" if cache != "auto" else "none", scatter=True,
                        future_fraction=0.2, empty_fraction=0.01)
-    _check(_run(problem, impl), _reference(problem), f"gpu {impl} {cache} {layout} {heads}")
+    _check(_run(problem, impl), _device_reference(problem),
+           f"gpu {impl} {cache} {layout} {heads}")
 
 
 @pytest.mark.gpu
@@ -472,7 +481,7 @@ def test_gpu_packed_fp8_cache(rng, layout, cache):
     problem = _problem(rng, cache, layout, (64, 4), topk=16, query_lens=[1] * 4 + [150],
                        seq_lens=[9000, 129, 2000, 300, 4400], scale_mode="per_slot",
                        scatter=True, future_fraction=0.2)
-    _check(_run_packed(problem), _reference(problem), f"gpu packed {cache} {layout}")
+    _check(_run_packed(problem), _device_reference(problem), f"gpu packed {cache} {layout}")
 
 
 @pytest.mark.gpu
@@ -481,4 +490,4 @@ def test_gpu_speculative_decode_16_1(rng):
     problem = _problem(rng, "fp8_e4m3", "NHD", (16, 1), topk=16, decode_query_len=2,
                        query_lens=[2] * 8 + [200], seq_lens=[32768] * 4 + [3000] * 4 + [5000],
                        scale_mode="per_slot")
-    _check(_run(problem, "pallas"), _reference(problem), "gpu 16/1 speculative decode")
+    _check(_run(problem, "pallas"), _device_reference(problem), "gpu 16/1 speculative decode")

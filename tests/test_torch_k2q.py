@@ -7,6 +7,7 @@ import pytest
 import interop
 from interop.testing import make_topk, random_problem, relative_error
 from tests.compiled import run_without_interpreter
+from tests.device_reference import torch_reference
 
 torch = pytest.importorskip("torch")
 from torch_sparse import k2q  # noqa: E402
@@ -283,7 +284,8 @@ def test_gpu_m3_shapes_and_cuda_graph(rng, cache):
     problem = random_problem(spec, [2, 600, 900], [700, 2600, 900], rng, decode_query_len=2,
                              scale_mode="scalar" if cache != "auto" else "none")
     problem.topk_indices = make_topk(problem.metadata, 4, 16, rng, rho=0.87)
-    ref = _reference(problem)
+    ref = torch_reference(spec, problem.query, problem.kv_cache, problem.topk_indices,
+                          problem.metadata, problem.k_scale, problem.v_scale)  # on the device
     eager, first = _run(problem)
     _check(eager, ref, _rows(problem, first), f"gpu {cache} eager")
     t = interop.to_torch(problem.metadata, DEVICE)
