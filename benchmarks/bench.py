@@ -157,14 +157,17 @@ class Case:
             kw["prefill_algorithm"] = prefill_algorithm
         return lambda: torch_sparse.sparse_attention(spec, q, cache, topk, md, out, **kw)
 
-    def jax_fn(self, prefill_algorithm=None):
-        """The public JAX call (jitted inside); prefill_algorithm None leaves the keyword out."""
+    def jax_fn(self, prefill_algorithm=None, implementation=None):
+        """The public JAX call (jitted inside); prefill_algorithm / implementation None leave
+        the keyword out (the platform default)."""
         import jax_sparse
         f = jax_sparse.sparse_attention
         spec, q, cache, topk, md = self.spec, self.j_q, self.j_cache, self.j_topk, self.j_md
         kw = dict(k_scale=self.j_k_scale, v_scale=self.j_v_scale)
         if prefill_algorithm is not None:
             kw["prefill_algorithm"] = prefill_algorithm
+        if implementation is not None:
+            kw["implementation"] = implementation
         return lambda: f(spec, q, cache, topk, md, **kw)
 
     def check(self, samples=256):
@@ -199,7 +202,7 @@ SMOKE_SHAPES = {"1x136": ([136], [136]), "2x24+136": ([24] * 2, [160] * 2)}
 SELECTIONS = {"random": None, "rho0.87": 0.87}  # make_topk's rho
 FP8_SCALES = (0.75, 1.25)  # scalar k_scale, v_scale of the FP8 rows
 PREFILL_PATHS = tuple(f"{fw}:{alg}" for fw in ("torch", "jax")
-                      for alg in ("token", "union", "k2q", "auto")) + ("peer",)
+                      for alg in ("token", "union", "k2q", "auto")) + ("mosaic", "peer")
 
 
 def _accepts(fn, name):
@@ -335,14 +338,45 @@ def decode_cold(case, query_len, samples=256):
     return res
 
 
+def mosaic_note():
+    """None where jax_sparse's Mosaic GPU kernels can run here, else why not."""
+    try:
+        from jax_sparse.mosaic import mosaic_unavailable_reason
+    except ImportError as e:
+        return f"jax_sparse has no Mosaic GPU kernels ({e})"
+    return mosaic_unavailable_reason()
+
+
+def decode_mosaic(case, samples=256):
+    """The JAX call on the Mosaic GPU kernel (issue 13): one call and steady state, and its
+    relative difference from the Pallas (Triton) call on sampled tokens; None figures and a
+    mosaic_note where it cannot run."""
+    res = dict(mosaic_ms=None, mosaic_pipelined_ms=None, mosaic_vs_pallas_err=None)
+    note = mosaic_note()
+    if note:
+        res["mosaic_note"] = note
+        return res
+    fn = case.jax_fn(implementation="mosaic")
+    idx = np.unique(np.linspace(0, case.q.shape[0] - 1, samples).astype(np.int64))
+    res["mosaic_vs_pallas_err"] = relative_error(
+        _sample(fn(), idx), _sample(case.jax_fn(implementation="pallas")(), idx))
+    res["mosaic_ms"] = jax_median_ms(fn)
+    res["mosaic_pipelined_ms"] = jax_pipelined_ms(fn)
+    return res
+
+
 def path_call(case, path):
     """((call, torch output buffer or None), None) for one prefill path, or (None, note).
 
     call() runs the path once and returns its full output. A front end without the
     `prefill_algorithm` keyword yet runs "token" as its default call and skips the rest.
+    "mosaic": JAX on the Mosaic GPU kernel (implementation="mosaic").
     """
     if path == "peer":
         return peer_prefill_fn(case)
+    if path == "mosaic":
+        note = mosaic_note()
+        return (None, note) if note else ((case.jax_fn(implementation="mosaic"), None), None)
     fw, alg = path.split(":")
     if fw == "torch":
         import torch_sparse
@@ -432,7 +466,7 @@ def _measure_path(args, case, path, made, idx, base, ref, res):
     res["err_vs_token"] = relative_error(got, base)
     res["err_vs_f64"] = relative_error(got, ref)
     if not args.smoke:
-        res["ms"] = (jax_cold_ms(call, args.rep_ms) if path.startswith("jax")
+        res["ms"] = (jax_cold_ms(call, args.rep_ms) if path.startswith(("jax", "mosaic"))
                      else torch_cold_ms(call, args.rep_ms))
     res["tflops"] = case.flops / (res["ms"] * 1e-3) / 1e12
 
@@ -444,7 +478,7 @@ def _prefill_ratios(row):
     for path, res in row["paths"].items():
         if path not in ms:
             continue
-        token = ("torch" if path == "peer" else path.split(":")[0]) + ":token"
+        token = {"peer": "torch", "mosaic": "jax"}.get(path, path.split(":")[0]) + ":token"
         res["speedup_vs_token"] = ms[token] / ms[path] if token in ms else None
         res["speedup_vs_peer"] = ms["peer"] / ms[path] if "peer" in ms else None
 
@@ -502,9 +536,11 @@ def run(args):
                                    query_len=L, context=ctx, bytes=case.kv_bytes,
                                    torch_ms=t_eager, torch_graph_ms=t_graph, jax_ms=t_jax,
                                    jax_pipelined_ms=t_jax_pipe, torch_vs_jax_err=err)
+                        row.update(decode_mosaic(case))
                         row.update(decode_cold(case, L))
                         for k in ("torch", "torch_graph", "jax", "jax_pipelined",
-                                  "torch_graph_cold", "peer_graph_cold"):
+                                  "torch_graph_cold", "peer_graph_cold", "mosaic",
+                                  "mosaic_pipelined"):
                             t = row[f"{k}_ms"]
                             row[f"{k}_tbs"] = None if t is None else case.kv_bytes / (t * 1e-3) / 1e12
                         peer = PEER_DECODE_US.get((row["heads"], b)) if cd == "auto" and L == 1 else None
@@ -515,6 +551,8 @@ def run(args):
                             f"(graph {t_graph*1e3:.0f} us, {row['torch_graph_tbs']:.2f} TB/s), "
                             f"jax {t_jax*1e3:.0f} us, steady {t_jax_pipe*1e3:.0f} us "
                             f"({row['jax_pipelined_tbs']:.2f} TB/s), err {err:.1e}; "
+                            f"mosaic {_us(row['mosaic_ms'])}, steady "
+                            f"{_us(row['mosaic_pipelined_ms'])}; "
                             f"cold-L2 graphs: seed call {row['torch_graph_cold_ms']*1e3:.1f} us, "
                             f"peer {_us(row['peer_graph_cold_ms'])}")
                         del case
@@ -538,8 +576,8 @@ def table(result):
                   "(peer: its own), L2 flushed before each replay; x peer: speed over the peer "
                   "in this run; err: the peer against ours on sampled tokens. The other "
                   "columns replay back to back (warm L2) or time eager calls.", "",
-                  "| decode | heads | cache | L | batch | torch eager | torch graph (TB/s, of copy) | jax call | jax steady (TB/s) | jax/torch speed: call/eager, steady/graph | peer / torch eager (PERF.md) | torch cold-L2 graph (TB/s) | peer cold-L2 graph (TB/s) | x peer | err |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| decode | heads | cache | L | batch | torch eager | torch graph (TB/s, of copy) | jax call | jax steady (TB/s) | jax/torch speed: call/eager, steady/graph | peer / torch eager (PERF.md) | torch cold-L2 graph (TB/s) | peer cold-L2 graph (TB/s) | x peer | err | mosaic call | mosaic steady (TB/s) | mosaic / pallas steady speed | mosaic err vs pallas |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in decode:
         lines.append(f"| | {r['heads']} | {r['cache']} | {r['query_len']} | {r['batch']} | "
                      f"{r['torch_ms']*1e3:.0f} us | {r['torch_graph_ms']*1e3:.0f} us "
@@ -550,7 +588,10 @@ def table(result):
                      f"{_ratio(r['peer_us'], r['torch_ms']*1e3)} | "
                      f"{_us_tbs(r, 'torch_graph_cold')} | {_us_tbs(r, 'peer_graph_cold')} | "
                      f"{_fmt(_speed(r.get('peer_graph_cold_ms'), r.get('torch_graph_cold_ms')))} | "
-                     f"{_fmt(r.get('peer_vs_torch_err'), '.1e')} |")
+                     f"{_fmt(r.get('peer_vs_torch_err'), '.1e')} | {_us(r.get('mosaic_ms'))} | "
+                     f"{_us_tbs(r, 'mosaic_pipelined')} | "
+                     f"{_fmt(_speed(r['jax_pipelined_ms'], r.get('mosaic_pipelined_ms')))} | "
+                     f"{_fmt(r.get('mosaic_vs_pallas_err'), '.1e')} |")
     prefill = [r for r in result["rows"] if r["kind"] == "prefill" and "paths" in r]  # this format
     if prefill:
         lines += ["", *prefill_tables(prefill, None if c is None else c["matmul_bf16_tflops"])]
@@ -631,15 +672,19 @@ def plot(result, path):
     for r in result["rows"]:
         if r["kind"] == "decode" and r["query_len"] == 1:
             for path_name, key in (("torch graph", "torch_graph_tbs"),
-                                   ("jax steady", "jax_pipelined_tbs")):
-                groups.setdefault((r["heads"], r["cache"], path_name), []).append((r["batch"], r[key]))
+                                   ("jax steady", "jax_pipelined_tbs"),
+                                   ("mosaic steady", "mosaic_pipelined_tbs")):
+                if r.get(key) is not None:
+                    groups.setdefault((r["heads"], r["cache"], path_name), []).append(
+                        (r["batch"], r[key]))
     if not groups:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (heads, cache, name), pts in sorted(groups.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                linestyle="-" if name.startswith("jax") else "--", label=f"{name} {heads} {cache}")
+                linestyle={"jax": "-", "mosaic": ":"}.get(name.split()[0], "--"),
+                label=f"{name} {heads} {cache}")
     ax.axhline(result["ceilings"]["copy_tbs"], color="k", linewidth=0.8, label="copy ceiling")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch (requests, 32k tokens each)")
