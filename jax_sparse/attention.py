@@ -26,10 +26,12 @@ from interop import SparseAttentionSpec
 from .pages import cache_operand, load_page
 from .selection import LOG2E, MASK_VALUE, key_mask, select_pages
 
-# Grid programs worth filling before splitting the top-k blocks further (about one wave of
-# an H100's 132 SMs; H100 sweep, 64/4 heads, batch 16: 2 splits of 8 warps 65 us, 4 splits
-# 77 us, 8 splits 100 us per call).
-TARGET_PROGRAMS = 128
+# Grid programs worth filling before splitting the top-k blocks further (about two waves of
+# an H100's 132 SMs). H100, per layer inside an 8-layer jitted decode step, L2 cold
+# (benchmarks/model_step.py's method): with 128, FP8 64/4 batch 16 ran 2 splits in 29.4 us
+# against 25.8 us with 4; FP8 16/1 batch 64, 31.7 against 26.5; bf16 16/1 batch 64, 37.4
+# against 34.3.
+TARGET_PROGRAMS = 256
 # Decode-sized grids run faster with 8 warps (H100, batch 64: 102 us against 129 us with 4);
 # prefill-sized grids with 4 (64/4 heads, 16k tokens: 10.7 ms against 11.7 ms with 8); FP8
 # caches with 4 at every size (64/4, batch 16: 46-49 us against 65-70 us with 8).
