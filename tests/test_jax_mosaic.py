@@ -95,6 +95,7 @@ def test_query_rows():
     assert mosaic.query_rows(72) == (72, 128)
 
 
+@needs_plgpu
 def test_stages_fit_shared_memory(rng):
     """The shared-memory count matches what Mosaic GPU asked for on the H100; default
     pipelines fit every cache dtype and output kind; a deeper one than fits is a ValueError
