@@ -188,3 +188,12 @@ def test_tpu_kernel_lowers_for_tpu(heads, layout, cache, scale_mode):
 
     text = jax.jit(call).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
     assert "tpu_custom_call" in text, "no Mosaic kernel in the TPU lowering"
+
+
+@pytest.mark.parametrize("backend, expected", [("tpu", "tpu"), ("gpu", "pallas"),
+                                               ("cpu", "pallas"), ("rocm_like", "xla")])
+def test_default_implementation_per_platform(monkeypatch, backend, expected):
+    """On a TPU backend the default is the Pallas TPU kernel; GPU and CPU keep Pallas
+    (Triton backend; interpret mode on CPU); any other platform gets XLA."""
+    monkeypatch.setattr(jax_sparse.api.jax, "default_backend", lambda: backend)
+    assert jax_sparse.default_implementation() == expected, backend
