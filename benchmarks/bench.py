@@ -39,18 +39,7 @@ import sys
 import time
 import types
 
-# --smoke runs tiny prefill rows on this CPU: the interpreters must be chosen before any import.
-SMOKE = "--smoke" in sys.argv
-if SMOKE:
-    os.environ["TRITON_INTERPRET"] = "1"
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-# Run from a checkout without installing: the packages live one folder up; the peer's module
-# (tools/peer-setup.sh) in .peer beside them when present.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-if os.path.isdir(os.path.join(ROOT, ".peer")):
-    sys.path.append(os.path.join(ROOT, ".peer"))
+from harness import SMOKE, capture_graph  # first: sets the environment before any kernel import
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -300,16 +289,7 @@ def peer_prefill_fn(case):
 
 def graph_cold_ms(fn):
     """Median time of one CUDA-graph replay of fn, L2 flushed before each (do_bench)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (compiles) off the capture
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, return_mode="median")
+    return triton.testing.do_bench(capture_graph(fn).replay, return_mode="median")
 
 
 def decode_cold(case, query_len, samples=256):

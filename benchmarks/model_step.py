@@ -54,20 +54,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import time
 import traceback
 
-# --smoke runs tiny shapes on this CPU: the interpreters must be chosen before any import.
-SMOKE = "--smoke" in sys.argv
-if SMOKE:
-    os.environ["TRITON_INTERPRET"] = "1"
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+from harness import capture_graph  # first: sets the environment before any kernel import
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -200,15 +192,7 @@ def torch_graph_ms(step, outputs, smoke, rep_ms):
         step()
         return (time.perf_counter() - t0) * 1e3, None
     import triton
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm up off the capture
-        for _ in range(2):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture_graph(step, warmups=2)
     for out in outputs:
         out.fill_(float("nan"))
     ms = triton.testing.do_bench(graph.replay, rep=rep_ms, return_mode="median")
