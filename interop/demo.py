@@ -70,13 +70,16 @@ def _median_ms(fn, sync, warmup: int, iters: int) -> float:
 
 def run_cross_framework(problem: Problem, *, writer: str, device: str = "cpu",
                         time_iters: int = 0, prefill_algorithm: str = "auto",
-                        reference=None) -> CrossFrameworkResult:
+                        reference=None, implementation: str | None = None
+                        ) -> CrossFrameworkResult:
     """Write `problem`'s new K/V with `writer` ("torch" or "jax"), attend from both.
 
     device: "cpu" (interpreted kernels) or "gpu". time_iters > 0 also times each attention.
     prefill_algorithm: the path both front ends take for the prefill tokens.
     reference: None for the float64 `reference_attention` on the host, or a function with its
       arguments (the cache: the physical JAX array) that computes the expected output.
+    implementation: the JAX implementation (`jax_sparse.IMPLEMENTATIONS`); None: the
+      platform's default.
     """
     import jax
     import torch
@@ -130,7 +133,8 @@ def run_cross_framework(problem: Problem, *, writer: str, device: str = "cpu",
                                              prefill_algorithm=prefill_algorithm)
     def jax_call():  # jitted inside
         return jax_sparse.sparse_attention(spec, j_query, j_cache, j_topk, j_md, k_scale=j_ks,
-                                           v_scale=j_vs, prefill_algorithm=prefill_algorithm)
+                                           v_scale=j_vs, prefill_algorithm=prefill_algorithm,
+                                           implementation=implementation)
 
     torch_call()
     j_out = jax_call().block_until_ready()

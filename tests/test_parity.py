@@ -17,11 +17,14 @@ CACHE = ["auto", "float16", "fp8_e4m3", "fp8_e5m2"]
 TOL = 1e-2  # bf16/fp16 queries and P in the dot products; fp8 values are exact in bf16
 
 
-def _check(problem, writer, device, label, prefill_algorithm="auto", reference=None):
+def _check(problem, writer, device, label, prefill_algorithm="auto", reference=None,
+           implementation=None):
     """reference: None (float64 on the host) or a device reference (the M3-shaped GPU cases,
-    where the float64 one takes many seconds)."""
+    where the float64 one takes many seconds); implementation: the JAX side's (None: the
+    platform's default)."""
     res = run_cross_framework(problem, writer=writer, device=device,
-                              prefill_algorithm=prefill_algorithm, reference=reference)
+                              prefill_algorithm=prefill_algorithm, reference=reference,
+                              implementation=implementation)
     assert res.zero_copy, f"{label}: the cache crossed frameworks through a copy"
     errs = res.errors
     assert max(errs.values()) < TOL, f"{label}: {errs}"
@@ -64,6 +67,38 @@ def test_parity_cpu_prefill_algorithms(rng, algorithm, cache, layout, writer):
                              future_fraction=0.3, empty_fraction=0.05,
                              scale_mode="per_slot" if cache != "auto" else "none")
     _check(problem, writer, "cpu", f"{algorithm} {writer} {cache} {layout}", algorithm)
+
+
+@pytest.mark.parametrize("cache, layout, writer, scale_mode", [
+    ("auto", "NHD", "torch", "none"), ("fp8_e4m3", "HND", "jax", "per_slot")])
+def test_parity_cpu_tpu_implementation(rng, cache, layout, writer, scale_mode):
+    """The Pallas TPU kernel (interpret mode) on a cache both frameworks share, against the
+    Triton kernels and the reference: a mixed batch with junk and empty rows."""
+    spec = interop.SparseAttentionSpec(16, 1, topk_blocks=4, kv_cache_dtype=cache,
+                                       kv_cache_layout=layout)
+    problem = random_problem(spec, [1, 1, 9, 5], [300, 129, 209, 5], rng,
+                             query_dtype=matching_query_dtype(cache), scatter=True,
+                             future_fraction=0.3, empty_fraction=0.05, scale_mode=scale_mode)
+    _check(problem, writer, "cpu", f"tpu {writer} {cache} {layout}", implementation="tpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cache, layout, writer, scale_mode", [
+    ("auto", "NHD", "torch", "none"), ("fp8_e4m3", "HND", "jax", "per_slot"),
+    ("fp8_e5m2", "NHD", "torch", "scalar")])
+def test_parity_gpu_mosaic_implementation(rng, cache, layout, writer, scale_mode):
+    """The Mosaic GPU kernel against the Triton kernels on one cache at MiniMax-M3 shapes."""
+    pytest.importorskip("absl")
+    from jax_sparse import mosaic
+    if mosaic.mosaic_unavailable_reason():
+        pytest.skip(mosaic.mosaic_unavailable_reason())
+    spec = interop.SparseAttentionSpec(64, 4, topk_blocks=16, kv_cache_dtype=cache,
+                                       kv_cache_layout=layout)
+    problem = random_problem(spec, [1] * 6 + [160, 90], [32768, 9000, 129, 2000, 20000, 5, 160, 4400],
+                             rng, query_dtype=matching_query_dtype(cache), scatter=True,
+                             future_fraction=0.2, empty_fraction=0.01, scale_mode=scale_mode)
+    _check(problem, writer, "gpu", f"mosaic {writer} {cache} {layout}", reference=jax_reference,
+           implementation="mosaic")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
