@@ -48,7 +48,8 @@ def reference_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices
       k_scale / v_scale: None, a scalar or [num_kv_heads, num_blocks * block_size]; applied to
         FP8 caches only.
     Returns: [num_tokens, num_heads, head_size] float64. Repeated valid entries count once;
-      rows with no valid entry give zeros.
+      rows with no valid entry give zeros; a row that attends a key gives NaN when its query
+      row holds a NaN or Inf, or when a K or V slot it attends holds a NaN (contract, 5).
     """
     q = to_float64(query)
     num_tokens = spec.check_query_shape(q.shape)
@@ -99,11 +100,18 @@ def reference_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices
             vals = vals.reshape(c, -1, dim)
             mask = mask.reshape(c, 1, -1)
             qg = q[t0:t1, g * group:(g + 1) * group]                       # [C, group, D]
+            # A key no row attends contributes nothing, whatever its bits (NaN included).
+            vals = np.where(mask.reshape(c, -1, 1), vals, 0.0)
             scores = np.where(mask, spec.scale * (qg @ keys.transpose(0, 2, 1)), -np.inf)
             peak = scores.max(-1, keepdims=True)
             peak = np.where(np.isfinite(peak), peak, 0.0)
             weights = np.where(mask, np.exp(scores - peak), 0.0)
             denom = weights.sum(-1, keepdims=True)
-            out[t0:t1, g * group:(g + 1) * group] = np.where(
-                denom > 0, (weights @ vals) / np.where(denom > 0, denom, 1.0), 0.0)
+            attended = mask.any(-1, keepdims=True)                        # [C, 1, 1]
+            rows = (weights @ vals) / np.where(attended, denom, 1.0)
+            # Garbage in (section 5): a non-finite query row that attends a key gives NaN
+            # (a NaN in an attended K or V slot already does); no key attended: zeros.
+            bad_q = ~np.isfinite(qg).all(-1, keepdims=True)               # [C, group, 1]
+            rows = np.where(bad_q, np.nan, rows)
+            out[t0:t1, g * group:(g + 1) * group] = np.where(attended, rows, 0.0)
     return out
