@@ -10,7 +10,7 @@ from interop.testing import matching_query_dtype, random_problem, relative_error
 
 pytest.importorskip("torch")
 pytest.importorskip("jax")
-from interop.demo import run_cross_framework  # noqa: E402
+from examples.cross_framework import run_cross_framework  # noqa: E402
 from tests.device_reference import jax_reference, torch_reference  # noqa: E402
 
 CACHE = ["auto", "float16", "fp8_e4m3", "fp8_e5m2"]
@@ -184,7 +184,7 @@ def test_parity_gpu_prefill_algorithms(rng, cache, scale_mode, layout):
      "--decode-query-len", "2", "--prefills", "20:130", "--iters", "1"],
 ])
 def test_demo_cli(capsys, argv):
-    from interop.demo import main
+    from examples.demo import main
     device = [] if "--device" in argv else ["--device", "cpu"]
     assert main(device + argv) == 0
     report = capsys.readouterr().out
