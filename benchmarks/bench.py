@@ -93,10 +93,10 @@ ROWS = {
     + _prefill(HEADS, CACHES, ("16k", "64k", "4x2k+8k"), SELECTIONS),
     "quick": _decode(HEADS, CACHES, (1,), (1, 64, 256))
     + _prefill(("64/4",), ("bf16",), ("16k", "4x2k+8k"), SELECTIONS),
-    # Decode at small and large batch, FP8 and speculative; prefill where union wins (rho0.87),
-    # where it loses (random) and where "auto" has missed union (64k rho0.87).
+    # Decode: launch-bound (batch 1), bandwidth-bound (64, 256), FP8. Prefill: where union wins
+    # (rho0.87), where it loses (random), and where "auto" has missed union (64k rho0.87).
     "check": _decode(("64/4",), ("bf16",), (1,), (1, 64))
-    + _decode(("16/1",), ("fp8_e4m3",), (1,), (256,)) + _decode(("64/4",), ("bf16",), (2,), (16,))
+    + _decode(("16/1",), ("fp8_e4m3",), (1,), (256,))
     + _prefill(("64/4",), ("bf16",), ("16k",), SELECTIONS)
     + _prefill(("64/4",), ("bf16",), ("64k",), ("rho0.87",)),
     # One row per family on CPU: tiny, top-4, under the interpreters.
