@@ -280,7 +280,7 @@ def decode_table(rows, ceil, compact):
             "x peer", "peer err", "jax steady (TB/s)", "mosaic steady (TB/s)"]
     if not compact:
         cols += ["torch eager", "torch warm graph (of copy)", "jax call",
-                 "jax/torch: call/eager, steady/warm graph", "jax vs torch err", "mosaic call",
+                 "jax/torch speed: call/eager, steady/warm graph", "jax vs torch err", "mosaic call",
                  "mosaic/pallas steady", "mosaic err"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
