@@ -310,8 +310,8 @@ def prefill_tables(rows, matmul_tflops, compact):
     """A summary (useful TFLOP/s of every path per row) and, unless compact, one line per
     (row, path)."""
     paths = [p for p in PREFILL_PATHS if any(p in r["paths"] for r in rows)]
-    lines = ["Prefill, useful TFLOP/s (cold L2; '-': not run, see the detail table). union8: "
-             "mean distinct blocks per 8-token tile and KV head.", "",
+    lines = ["Prefill, useful TFLOP/s (cold L2; '-': not run" + ("" if compact else ", see the "
+             "detail table") + "). union8: mean distinct blocks per 8-token tile and KV head.", "",
              "| heads | cache | shape | selection | union8 | " + " | ".join(paths) + " |",
              "|---|---|---|---|---|" + "---|" * len(paths)]
     for r in rows:
