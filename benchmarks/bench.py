@@ -28,9 +28,9 @@ import sys
 import time
 
 import harness  # first: sets the environment before any kernel import
-from harness import (SMOKE, Case, graph_cold_ms, graph_warm_ms, jax_call_ms, jax_cold_ms,  # noqa: E402
-                     jax_steady_ms, mosaic_note, peer_decode_fn, peer_prefill_fn, sample,
-                     torch_cold_ms)
+from harness import (SMOKE, Case, graph_cold_ms, graph_warm_ms, jax_call_ms,  # noqa: E402
+                     jax_cold_ms, jax_steady_ms, mosaic_note, peer_decode_fn, peer_prefill_fn,
+                     sample, torch_cold_ms)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -107,7 +107,7 @@ ROWS = {
 
 # --- decode --------------------------------------------------------------------------------------
 
-def decode_row(args, row, rng):
+def decode_row(row, rng):
     """Every decode figure of one batch: the public calls (PyTorch eager and graph, JAX call and
     steady state, Mosaic), then the seed's decode call and the peer's as CUDA-graph replays
     with L2 flushed before each (the headline), and the differences between them."""
@@ -183,7 +183,8 @@ def prefill_row(args, row, rng, res, save):
                 case.out.fill_(float("nan"))
                 t0 = time.perf_counter()
                 got = sample(call(), idx)
-                p.update(err_vs_token=relative_error(got, base), err_vs_f64=relative_error(got, ref))
+                p.update(err_vs_token=relative_error(got, base),
+                         err_vs_f64=relative_error(got, ref))
                 timer = jax_cold_ms if path.startswith(("jax", "mosaic")) else torch_cold_ms
                 # On CPU the checked call's host time stands in (an interpreted call is slow).
                 p["ms"] = ((time.perf_counter() - t0) * 1e3 if SMOKE
@@ -228,7 +229,7 @@ def run(args, rows):
         t0 = time.perf_counter()
         try:
             if row.kind == "decode":
-                res.update(decode_row(args, row, rng))
+                res.update(decode_row(row, rng))
             else:
                 prefill_row(args, row, rng, res, save)
         except Exception as e:  # noqa: BLE001 - one failing row must not end the run
@@ -280,8 +281,8 @@ def decode_table(rows, ceil, compact):
             "x peer", "peer err", "jax steady (TB/s)", "mosaic steady (TB/s)"]
     if not compact:
         cols += ["torch eager", "torch warm graph (of copy)", "jax call",
-                 "jax/torch: call/eager, steady/warm graph", "jax vs torch err", "mosaic call",
-                 "mosaic/pallas steady", "mosaic err"]
+                 "jax/torch speed: call/eager, steady/warm graph", "jax vs torch err",
+                 "mosaic call", "mosaic/pallas steady", "mosaic err"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r["heads"], r["cache"], r["query_len"], r["batch"],
@@ -309,8 +310,8 @@ def prefill_tables(rows, matmul_tflops, compact):
     """A summary (useful TFLOP/s of every path per row) and, unless compact, one line per
     (row, path)."""
     paths = [p for p in PREFILL_PATHS if any(p in r["paths"] for r in rows)]
-    lines = ["Prefill, useful TFLOP/s (cold L2; '-': not run, see the detail table). union8: "
-             "mean distinct blocks per 8-token tile and KV head.", "",
+    lines = ["Prefill, useful TFLOP/s (cold L2; '-': not run" + ("" if compact else ", see the "
+             "detail table") + "). union8: mean distinct blocks per 8-token tile and KV head.", "",
              "| heads | cache | shape | selection | union8 | " + " | ".join(paths) + " |",
              "|---|---|---|---|---|" + "---|" * len(paths)]
     for r in rows:

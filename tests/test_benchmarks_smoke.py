@@ -1,7 +1,7 @@
 """The benchmarks run end to end on CPU (Triton interpreter, Pallas interpret mode, tiny
 shapes), each in a fresh process: `bench.py --rows smoke` (one decode and one prefill row,
 every path checked against the per-token kernel and the float64 reference) and
-`model_step.py --smoke` (every config checked against the reference). A broken benchmark
+`model_step.py --smoke` (one config, checked against the reference). A broken benchmark
 fails here: a row or path that raises makes the script exit 1."""
 import json
 import os
@@ -31,20 +31,12 @@ def test_bench_smoke(tmp_path):
     prefill = rows["prefill"]
     assert prefill["token_vs_f64_err"] < ERR_LIMIT, prefill
     for path, res in prefill["paths"].items():
-        if path in ("mosaic", "peer"):  # GPU only: a note says why they did not run
-            assert "note" in res, (path, res)
+        if path in ("mosaic", "peer") and "note" in res:  # Hopper only; the peer when absent
             continue
         assert res["tflops"] > 0, (path, res)
         assert res["err_vs_token"] < ERR_LIMIT and res["err_vs_f64"] < ERR_LIMIT, (path, res)
     table = (tmp_path / "bench.md").read_text()
     assert table.count("\n| 16/1 |") == 1 + 1 + len(prefill["paths"]), table
-
-
-def test_bench_check_rows():
-    """The GPU check covers decode and, in both frameworks, every prefill algorithm."""
-    names = _run("bench.py", "--rows", "check", "--list").splitlines()[:-1]
-    assert any(n.startswith("decode") for n in names), names
-    assert any(n.startswith("prefill") for n in names), names
 
 
 def test_model_step_smoke(tmp_path):
