@@ -4,10 +4,10 @@ Triton. Depends on `interop` (spec, metadata, tables), never on `jax_sparse`."""
 from .backend import MiniMaxM3SparseBackend, MiniMaxM3SparseImpl, MiniMaxM3SparseMetadataBuilder
 from .frontend import (minimax_m3_sparse_attn, minimax_m3_sparse_attn_decode, sparse_attention,
                        write_kv)
-from .ops import HAS_TRITON, IMPLS, default_impl
+from .ops import HAS_TRITON, IMPLS, INTERPRETED, default_impl
 
 __all__ = [
-    "HAS_TRITON", "IMPLS", "MiniMaxM3SparseBackend", "MiniMaxM3SparseImpl",
+    "HAS_TRITON", "IMPLS", "INTERPRETED", "MiniMaxM3SparseBackend", "MiniMaxM3SparseImpl",
     "MiniMaxM3SparseMetadataBuilder", "default_impl", "minimax_m3_sparse_attn",
     "minimax_m3_sparse_attn_decode", "sparse_attention", "write_kv",
 ]
