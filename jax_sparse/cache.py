@@ -1,4 +1,4 @@
-"""Writing new K/V into the paged cache: one scatter that XLA performs in place when the
+"""The paged cache: allocating it (`allocate_kv_cache`) and writing new K/V into it: one scatter that XLA performs in place when the
 cache is donated (the default here), with FP8 quantization on the way in. Plain XLA, so it is
 the write path of every implementation and platform (GPU, TPU, CPU): no kernel needed.
 
@@ -15,12 +15,13 @@ matters.
 """
 from __future__ import annotations
 
+import math
 
 import jax
 import jax.numpy as jnp
 
 import interop
-from interop import FP8_MAX, SparseAttentionSpec
+from interop import FP8_MAX, QUERY_DTYPES, SparseAttentionSpec
 
 from .validation import (check_jax_flavour, check_scale, check_slots, check_slots_when_run,
                          check_write_inputs, checks_enabled, host_values, is_traced)
@@ -128,3 +129,39 @@ def write_kv(kv_cache, key, value, slot_mapping, spec: SparseAttentionSpec, k_sc
                                    num_slots=lambda num_blocks: num_blocks * spec.block_size)
     return _scatter_kv_jit(kv_cache, key, value, slot_mapping, spec, k_scale, v_scale,
                            check_when_run=check_when_run)
+
+
+def allocate_kv_cache(spec: SparseAttentionSpec, num_blocks: int, *, dtype=None, fill=0,
+                      device=None):
+    """A new cache of num_blocks pages in the spec's physical layout, every element `fill`.
+
+    The initial state: every K and V slot holds `fill`, zeros by default, so a slot read
+    before it is written (a block the indexer selects past what write_kv stored) contributes
+    a score of 0 and a value of 0: finite, never the garbage of uninitialised memory. The
+    cache is owned by JAX: `write_kv` updates it in place when it is donated.
+
+    Args:
+      spec: the layer's spec; its kv_cache_dtype and the query dtype give the storage dtype
+        (`spec.cache_storage_dtype`).
+      num_blocks: pages (>= 1).
+      dtype: the query dtype the cache serves, "bfloat16" or "float16" (a name or a dtype);
+        it decides the storage only for kv_cache_dtype="auto". None: bfloat16.
+      fill: the initial value of every element, a float (converted to the storage dtype; FP8
+        caches saturate it to +-FP8_MAX as write_kv does; NaN stays NaN).
+      device: None (JAX's default device), a `jax.Device` or a `jax.sharding.Sharding` (for
+        example `kv_cache_sharding(mesh, spec)`).
+    Returns: [spec.physical_kv_cache_shape(num_blocks)] in the storage dtype.
+    Raises: TypeError for a dtype that is not a query dtype, ValueError for num_blocks < 1.
+    """
+    query_dtype = "bfloat16" if dtype is None else jnp.dtype(dtype).name
+    if query_dtype not in QUERY_DTYPES:
+        raise TypeError(f"dtype {query_dtype} is not a query dtype; expected one of "
+                        f"{', '.join(QUERY_DTYPES)} (the cache's own dtype follows from "
+                        f"kv_cache_dtype={spec.kv_cache_dtype!r})")
+    if not isinstance(num_blocks, int) or isinstance(num_blocks, bool) or num_blocks < 1:
+        raise ValueError(f"num_blocks must be an int >= 1, got {num_blocks!r}")
+    storage = jnp.dtype(spec.cache_storage_dtype(query_dtype))
+    fill = float(fill)
+    if storage.name in FP8_MAX and not math.isnan(fill):  # saturate like write_kv does
+        fill = max(-FP8_MAX[storage.name], min(FP8_MAX[storage.name], fill))
+    return jnp.full(spec.physical_kv_cache_shape(num_blocks), fill, storage, device=device)
