@@ -15,17 +15,28 @@ picks the path of the prefill rows (padding rows included; they give zeros on ev
   one is planned tile by tile on the device: a tile of prefill rows whose union is at most
   `max_union` runs on the union kernel; the other prefill rows go to k2q when the batch has
   at least K2Q_MIN_TOKENS (padded) tokens, else to the token kernel.
+
+Under implementation="mosaic" (`sparse_attention_mosaic`, Pallas Mosaic GPU) the same rules
+pick among the Mosaic kernels (`mosaic_prefill_path`): decode rows, "token" and "k2q" run on
+the Mosaic token kernel (`mosaic.py`); "union" runs every prefill row on the Mosaic union
+kernel (`mosaic_union.py`); "auto" runs a batch of at least UNION_MIN_TOKENS (padded) tokens
+tile by tile, tiles whose union is at most `max_union(..., MOSAIC_UNION_MAX_SHARE)` on the
+union kernel, the other rows on the token kernel (through a token mask). FP8 caches and GQA
+groups past 64 query heads (`mosaic_union.unsupported_reason`) run every row on the token
+kernel.
 """
 from __future__ import annotations
 
 import functools
 
 import jax.numpy as jnp
+from jax import lax
 
 from interop import SparseAttentionSpec, check_prefill_algorithm
 
 from .attention import paged_sparse_attention
 from .k2q import paged_sparse_attention_k2q
+from .mosaic_union import paged_sparse_attention_mosaic_union, unsupported_reason
 from .union import paged_sparse_attention_union, paged_sparse_attention_union_capped, tile_tokens
 
 # Thresholds from the H100 benchmark (64/4 heads, top-16, bf16; benchmarks/results/h100).
@@ -46,11 +57,14 @@ UNION_MAX_SHARE = 0.25
 # H100 (64k random: 37.3 ms against 36.7; 16k: 10.8 against 9.0), so "auto" leaves those
 # tiles to the token kernel at any size this library is used at; forcing "k2q" still runs it.
 K2Q_MIN_TOKENS = 1 << 30
+# The Mosaic GPU union kernel's share under "auto" (implementation="mosaic"): the Triton
+# backend's rule until the Mosaic kernels' crossover is measured (benchmarks/mosaic_union_bench.py).
+MOSAIC_UNION_MAX_SHARE = UNION_MAX_SHARE
 
 
-def max_union(num_queries_per_kv: int, topk: int) -> int:
+def max_union(num_queries_per_kv: int, topk: int, share: float = UNION_MAX_SHARE) -> int:
     """The largest tile union (blocks per KV head) that "auto" gives to the union kernel."""
-    return int(UNION_MAX_SHARE * tile_tokens(num_queries_per_kv) * topk)
+    return int(share * tile_tokens(num_queries_per_kv) * topk)
 
 
 def sparse_attention_pallas(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
@@ -94,3 +108,64 @@ def sparse_attention_pallas(spec: SparseAttentionSpec, query, kv_cache, topk_ind
         else:
             decode = decode | left  # the token kernel takes them with the decodes
     return token_kernel(token_mask=decode, out=out)
+
+
+def mosaic_prefill_path(spec: SparseAttentionSpec, num_tokens: int, cache_dtype,
+                        prefill_algorithm: str) -> str:
+    """Which Mosaic GPU kernels run the prefill rows of a batch of `num_tokens` (padded)
+    tokens (static facts only): "token" (the token kernel, with the decode rows), "union"
+    (every prefill row on the union kernel) or "capped" (tiles whose union is at most
+    `max_union(..., MOSAIC_UNION_MAX_SHARE)` on the union kernel, other rows on the token
+    kernel). See the module docstring."""
+    check_prefill_algorithm(prefill_algorithm)
+    if prefill_algorithm in ("token", "k2q") or unsupported_reason(spec, cache_dtype):
+        return "token"
+    if prefill_algorithm == "union":
+        return "union"
+    return "capped" if num_tokens >= UNION_MIN_TOKENS else "token"
+
+
+def sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
+                            token_to_req, token_positions, block_table, k_scale=None,
+                            v_scale=None, *, num_decode_tokens, prefill_algorithm: str = "auto",
+                            num_splits: int | None = None, num_stages: int | None = None):
+    """Attention of a decode-first batch on the Mosaic GPU kernels (`implementation="mosaic"`);
+    inputs already validated (as `attention.paged_sparse_attention` takes them).
+
+    num_decode_tokens: int32 scalar (traced); prefill_algorithm: see `mosaic_prefill_path`;
+    num_splits / num_stages: the token kernel's knobs.
+    Raises RuntimeError (at trace time) where Mosaic GPU cannot run
+    (`mosaic.mosaic_unavailable_reason`).
+    """
+    from .mosaic import mosaic_unavailable_reason
+    from .mosaic import sparse_attention_mosaic as token_path
+
+    path = mosaic_prefill_path(spec, query.shape[0], kv_cache.dtype, prefill_algorithm)
+
+    def token_kernel(positions):
+        return token_path(spec, query, kv_cache, topk_indices, token_to_req, positions,
+                          block_table, k_scale, v_scale, num_decode_tokens=num_decode_tokens,
+                          prefill_algorithm=prefill_algorithm, num_splits=num_splits,
+                          num_stages=num_stages)
+
+    if path == "token":
+        return token_kernel(token_positions)
+    reason = mosaic_unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f'implementation="mosaic" cannot run here: {reason}. Use '
+                           'implementation=None (the platform default) or "pallas"/"xla".')
+    num_tokens = query.shape[0]
+    decode = jnp.arange(num_tokens, dtype=jnp.int32) < num_decode_tokens
+    cap = (max_union(spec.num_queries_per_kv, spec.topk_blocks, MOSAIC_UNION_MAX_SHARE)
+           if path == "capped" else None)
+    out, left = paged_sparse_attention_mosaic_union(
+        spec, query, kv_cache, topk_indices, token_to_req, token_positions, block_table,
+        token_mask=~decode, max_union=cap)
+    rest = decode | left  # the token kernel's rows; its other rows give zeros
+
+    def with_token_rows():
+        token_out = token_kernel(jnp.where(rest, token_positions, -1))
+        return jnp.where(rest[:, None, None], token_out, out)
+
+    # A prefill-only batch whose tiles all ran on the union kernel launches nothing more.
+    return lax.cond(rest.any(), with_token_rows, lambda: out)

@@ -41,6 +41,7 @@ aliased in and out of `pl.kernel`), chunk after chunk, so no row outside the mas
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,12 +52,14 @@ from jax.experimental import pallas as pl
 from interop import SparseAttentionSpec
 from interop.tiling import union_tile_tokens, union_tokens_per_chunk
 
-from .mosaic import SEMANTICS, WGMMA_ROWS, TMA_ROWS, _load, _plgpu, _transforms
+from .mosaic import (_BARRIER_BYTES, _SMEM_ALIGN, SEMANTICS, SMEM_BYTES, TMA_ROWS, WGMMA_ROWS,
+                     _load, _plgpu, _transforms)
 from .selection import LOG2E, MASK_VALUE
 from .union import plan_union
 
 CONSUMERS = 2          # consumer warpgroups, WGMMA_ROWS query rows each
 STAGES = 2             # K/V pages in flight: 2 x 64 KB (16-bit) beside 32 KB of queries
+MAX_STAGES = 3         # fits beside the queries when no reduction scratch is reserved
 CONSUMER_REGISTERS = 232
 PRODUCER_REGISTERS = 40
 _TILE, _HEAD, _WG = "tile", "kv_head", "wg"
@@ -84,6 +87,20 @@ def unsupported_reason(spec: SparseAttentionSpec, cache_dtype) -> str | None:
         return (f"a GQA group of {spec.num_queries_per_kv} does not fit a consumer "
                 f"warpgroup's {WGMMA_ROWS} rows")
     return None
+
+
+def smem_bytes(stages: int, *, head_size: int = 128, block_size: int = 128,
+               itemsize: int = 2) -> int:
+    """Shared memory the kernel asks for: the two consumers' query / output rows, the K and
+    V rings, the row tables (each buffer aligned to 1 KB) and the barriers. No reduction
+    scratch is reserved: the kernel only reduces along a row, inside each warp."""
+    buffers = [CONSUMERS * WGMMA_ROWS * head_size * itemsize,
+               stages * block_size * head_size * itemsize,
+               stages * block_size * head_size * itemsize,
+               CONSUMERS * 2 * WGMMA_ROWS * 4]
+    barriers = 2 * CONSUMERS + 4 * stages + 1
+    return (sum(-(-b // _SMEM_ALIGN) * _SMEM_ALIGN for b in buffers)
+            + barriers * _BARRIER_BYTES)
 
 
 def row_table(tile_positions, *, moved: int, per_consumer: int):
@@ -118,6 +135,62 @@ def entry_keys(token_bits, block, tile_positions, *, block_size: int):
     chosen = jnp.right_shift(token_bits[..., None], jnp.arange(tokens, dtype=jnp.int32)) & 1
     keys = tile_positions[None, :, None, :] - block[..., None] * block_size + 1
     return jnp.clip(jnp.where(chosen != 0, keys, 0).max(-1), 0, block_size).astype(jnp.int32)
+
+
+class ChunkPlan(NamedTuple):
+    """What the kernel reads for a chunk of n tokens in tiles of T (`plan_chunk`); E = T *
+    topk entries per (KV head, tile).
+
+      size / page / block / token_bits: the `union.UnionPlan` of the owned tokens ([G, tiles]
+        and [G, tiles, E] int32), size 0 for a tile left to another path.
+      keys: [G, tiles, E] int32, `entry_keys`.
+      owned: [n] int32, 1 for the tokens whose rows the kernel writes.
+      rows: [tiles, CONSUMERS, 2, WGMMA_ROWS] int32, `row_table`.
+      left: [n] bool, tokens of the mask left to another path (their tile's union is larger
+        than max_union).
+    """
+
+    size: jax.Array
+    page: jax.Array
+    block: jax.Array
+    token_bits: jax.Array
+    keys: jax.Array
+    owned: jax.Array
+    rows: jax.Array
+    left: jax.Array
+
+
+def plan_chunk(topk_indices, token_to_req, token_positions, block_table, token_mask, *,
+               num_blocks: int, block_size: int, num_queries_per_kv: int,
+               max_union: int | None) -> ChunkPlan:
+    """The plan of one chunk of n tokens (XLA, before the launch; jit-able).
+
+    topk_indices: [G, n, topk] int32; token_to_req / token_positions: [n] int32;
+    block_table: [num_reqs, max_blocks] int32; token_mask: [n] bool, the rows of this path;
+    max_union: tiles whose largest union over the KV heads is larger are left (None: none).
+    """
+    n = token_positions.shape[0]
+    tokens, moved, per_consumer = tile_geometry(num_queries_per_kv)
+    num_tiles = -(-n // tokens)
+    plan = plan_union(topk_indices, token_to_req, token_positions, block_table,
+                      num_blocks=num_blocks, block_size=block_size, tile_tokens=tokens,
+                      token_mask=token_mask)
+    owned, size = token_mask, plan.size
+    left = jnp.zeros((n,), bool)
+    if max_union is not None:
+        small = plan.size.max(0) <= max_union  # [num_tiles]
+        small_token = jnp.repeat(small, tokens)[:n]
+        left = owned & ~small_token
+        owned = owned & small_token
+        size = jnp.where(small[None], size, 0)
+    tile_positions = jnp.pad(jnp.where(owned, token_positions, -1),
+                             (0, num_tiles * tokens - n), constant_values=-1)
+    tile_positions = tile_positions.reshape(num_tiles, tokens).astype(jnp.int32)
+    return ChunkPlan(size, plan.page, plan.block, plan.token_bits,
+                     entry_keys(plan.token_bits, plan.block, tile_positions,
+                                block_size=block_size),
+                     owned.astype(jnp.int32),
+                     row_table(tile_positions, moved=moved, per_consumer=per_consumer), left)
 
 
 def _kernel(first_ref, size_ref, page_ref, block_ref, bits_ref, keys_ref, owned_ref, rows_ref,
@@ -302,7 +375,7 @@ def _launch(kernel, args, *, out, grid, name):
     plgpu = _plgpu()
     mesh = plgpu.Mesh(grid=grid, grid_names=(_TILE, _HEAD), num_threads=CONSUMERS + 1,
                       thread_name=_WG)
-    params = plgpu.CompilerParams(approx_math=True,
+    params = plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
                                   lowering_semantics=getattr(plgpu.LoweringSemantics, SEMANTICS))
     ref = jax.new_ref(out)
     call = pl.kernel(kernel, out_type=(), mesh=mesh, compiler_params=params, name=name)
@@ -321,7 +394,8 @@ def paged_sparse_attention_mosaic_union(spec: SparseAttentionSpec, query, kv_cac
                                         topk_indices, token_to_req, token_positions,
                                         block_table, *, token_mask=None, max_union=None,
                                         out=None, num_stages: int | None = None,
-                                        pingpong: bool = True):
+                                        pingpong: bool = True,
+                                        chunk_tokens: int | None = None):
     """Union attention of the rows in token_mask on the Mosaic GPU union kernel; inputs
     already validated (as `attention.paged_sparse_attention` takes them; a 16-bit cache:
     see `unsupported_reason`). Builds the kernel whatever the platform (it lowers for CUDA
@@ -340,6 +414,8 @@ def paged_sparse_attention_mosaic_union(spec: SparseAttentionSpec, query, kv_cac
         the rows computed here are kept (None: zeros).
       num_stages: K/V pages in flight (default STAGES).
       pingpong: the two consumers alternate on the tensor cores (FA3's schedule barrier).
+      chunk_tokens: tokens per plan and launch (default: `interop.tiling`'s plan budget; a
+        smaller value tests the chunk loop).
     Returns: (out, left): out [num_tokens, num_heads, head_size] in the query dtype; left
       bool [num_tokens], the rows of token_mask left to another path.
     """
@@ -351,14 +427,15 @@ def paged_sparse_attention_mosaic_union(spec: SparseAttentionSpec, query, kv_cac
     block_size = spec.block_size
     tokens, moved, per_consumer = tile_geometry(group)
     stages = num_stages or STAGES
-    if stages < 1:
-        raise ValueError(f"num_stages must be >= 1, got {stages}")
+    if stages < 1 or smem_bytes(stages, head_size=head_size, block_size=block_size) > SMEM_BYTES:
+        raise ValueError(f"num_stages {stages} needs {smem_bytes(stages)} bytes of shared "
+                         f"memory; at most {SMEM_BYTES} are available (1 to {MAX_STAGES})")
     if token_mask is None:
         token_mask = jnp.ones((num_tokens,), bool)
     if out is None:
         out = jnp.zeros(query.shape, query.dtype)
     num_blocks = kv_cache.shape[0]
-    n = min(num_tokens, union_tokens_per_chunk(num_kv_heads, topk, tokens))
+    n = min(num_tokens, chunk_tokens or union_tokens_per_chunk(num_kv_heads, topk, tokens))
     num_tiles = -(-n // tokens)
 
     def grouped(x):  # [T, H, D] -> [T, G, moved, D] (a copy only when the group is padded)
@@ -381,23 +458,13 @@ def paged_sparse_attention_mosaic_union(spec: SparseAttentionSpec, query, kv_cac
         # rewrites get the same values), so every chunk has the static size.
         first = jnp.minimum(i * n, num_tokens - n).astype(jnp.int32)
         take = lambda x, axis=0: lax.dynamic_slice_in_dim(x, first, n, axis)  # noqa: E731
-        owned, positions = take(token_mask), take(token_positions)
-        plan = plan_union(take(topk_indices, 1), take(token_to_req), positions, block_table,
-                          num_blocks=num_blocks, block_size=block_size, tile_tokens=tokens,
-                          token_mask=owned)
-        size = plan.size
-        if max_union is not None:
-            small = plan.size.max(0) <= max_union  # [num_tiles]
-            small_token = jnp.repeat(small, tokens)[:n]
-            left = lax.dynamic_update_slice_in_dim(left, owned & ~small_token, first, 0)
-            owned = owned & small_token
-            size = jnp.where(small[None], size, 0)
-        tile_positions = jnp.pad(jnp.where(owned, positions, -1), (0, num_tiles * tokens - n),
-                                 constant_values=-1).reshape(num_tiles, tokens)
-        rows = row_table(tile_positions, moved=moved, per_consumer=per_consumer)
-        keys = entry_keys(plan.token_bits, plan.block, tile_positions, block_size=block_size)
-        args = (first[None], size, plan.page, plan.block, plan.token_bits, keys,
-                owned.astype(jnp.int32), rows, q4, kv_cache)
+        plan = plan_chunk(take(topk_indices, 1), take(token_to_req), take(token_positions),
+                          block_table, take(token_mask), num_blocks=num_blocks,
+                          block_size=block_size, num_queries_per_kv=group,
+                          max_union=max_union)
+        left = lax.dynamic_update_slice_in_dim(left, plan.left, first, 0)
+        args = (first[None], plan.size, plan.page, plan.block, plan.token_bits, plan.keys,
+                plan.owned, plan.rows, q4, kv_cache)
         out4 = _launch(kernel, args, out=out4, grid=(num_tiles, num_kv_heads), name=name)
         return out4, left
 
