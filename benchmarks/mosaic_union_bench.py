@@ -3,6 +3,7 @@ FlashAttention-3 (Mosaic GPU, dense) as the ceiling. GPU only (Hopper).
 
     python benchmarks/mosaic_union_bench.py                       # 64/4 bf16, 16k and 64k
     python benchmarks/mosaic_union_bench.py --shapes 16k --paths mosaic:kernel,jax:union
+    python benchmarks/mosaic_union_bench.py --rows 16k:random:mosaic:auto+mosaic:token
     python benchmarks/mosaic_union_bench.py --list                # the paths
 
 One prefill request of 16k / 64k tokens (no cached context), 64/4 heads, bf16, selections
@@ -82,7 +83,9 @@ def fa3_call(case, causal):
     import jax.numpy as jnp
     from jax.experimental.pallas.ops.gpu import attention_mgpu as fa3
     spec, n = case.spec, case.md.num_tokens
-    q = case.j_q[None]  # [1, n, H, D]
+    # jax 0.11.2's attention_mgpu stages queries and outputs in float16 shared memory
+    # whatever the input dtype (bfloat16 fails to lower): float16, the same tensor-core rate.
+    q = case.j_q[None].astype(jnp.float16)  # [1, n, H, D]
     key = jax.random.key(0)
     k = jax.random.normal(key, (1, n, spec.num_kv_heads, spec.head_size), q.dtype)
     v = jax.random.normal(jax.random.fold_in(key, 1), k.shape, q.dtype)
@@ -111,20 +114,21 @@ def path_call(case, path):
     return case.jax_fn(implementation=impl, prefill_algorithm=alg), None
 
 
-def run_shape(args, shape, rng, result, save):
+def run_shape(args, shape, rho, paths, rng, result, save):
     spec = interop.SparseAttentionSpec(64, 4, topk_blocks=16)
     ql, sl = SHAPES[shape]
     t0 = time.perf_counter()
-    case = Case(spec, ql, sl, rng, decode_query_len=max(ql) + 1, rho=args.rho)
+    case = Case(spec, ql, sl, rng, decode_query_len=max(ql) + 1, rho=rho)
     idx = case.sample_idx(args.samples)
     ref = case.reference(idx)
-    row = dict(shape=shape, tokens=case.md.num_tokens, flops=case.flops,
+    selection = "random" if rho is None else f"rho{rho}"
+    row = dict(shape=shape, selection=selection, tokens=case.md.num_tokens, flops=case.flops,
                union8=mean_tile_union(case.topk_np, case.md), paths={},
                setup_s=time.perf_counter() - t0)
     result["rows"].append(row)
-    log(f"{shape}: {case.md.num_tokens} tokens, {case.flops / 1e12:.2f} useful TFLOP, "
+    log(f"{shape} {selection}: {case.md.num_tokens} tokens, {case.flops / 1e12:.2f} useful TFLOP, "
         f"mean 8-token union {row['union8']:.1f}")
-    for path in args.paths:
+    for path in paths:
         p = row["paths"][path] = {}
         if path.startswith("fa3:") and case.md.num_tokens > args.fa3_max_tokens:
             p["note"] = f"dense FA3 timed up to {args.fa3_max_tokens} tokens (a rate)"
@@ -153,7 +157,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="16k,64k", help=", ".join(SHAPES))
     ap.add_argument("--paths", default=",".join(PATHS), help=", ".join(PATHS))
-    ap.add_argument("--rho", type=float, default=0.87)
+    ap.add_argument("--rows", default=None,
+                    help="SHAPE:SELECTION[:PATH+PATH...] rows separated by commas, SELECTION "
+                    "rho0.87 or random (default: --shapes x rho0.87 x --paths)")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--rep-ms", type=int, default=200)
     ap.add_argument("--fa3-max-tokens", type=int, default=16384)
@@ -175,12 +181,17 @@ def main(argv=None):
             json.dump(result, f, indent=1)
 
     rng = np.random.default_rng(0)
-    for shape in args.shapes.split(","):
+    rows = ([r.split(":", 2) for r in args.rows.split(",")] if args.rows else
+            [[shape, "rho0.87"] for shape in args.shapes.split(",")])
+    for shape, selection, *paths in rows:
+        rho = None if selection == "random" else float(selection.removeprefix("rho"))
+        paths = paths[0].split("+") if paths else args.paths
         try:
-            run_shape(args, shape, rng, result, save)
+            run_shape(args, shape, rho, paths, rng, result, save)
         except Exception as e:  # noqa: BLE001
-            result["rows"].append(dict(shape=shape, error=f"{type(e).__name__}: {e}"[:600]))
-            log(f"{shape}: FAILED {result['rows'][-1]['error']}")
+            result["rows"].append(dict(shape=shape, selection=selection,
+                                       error=f"{type(e).__name__}: {e}"[:600]))
+            log(f"{shape} {selection}: FAILED {result['rows'][-1]['error']}")
         save()
         torch.cuda.empty_cache()
     return 0

@@ -28,6 +28,7 @@ kernel.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax.numpy as jnp
 from jax import lax
@@ -57,9 +58,14 @@ UNION_MAX_SHARE = 0.25
 # H100 (64k random: 37.3 ms against 36.7; 16k: 10.8 against 9.0), so "auto" leaves those
 # tiles to the token kernel at any size this library is used at; forcing "k2q" still runs it.
 K2Q_MIN_TOKENS = 1 << 30
-# The Mosaic GPU union kernel's share under "auto" (implementation="mosaic"): the Triton
-# backend's rule until the Mosaic kernels' crossover is measured (benchmarks/mosaic_union_bench.py).
-MOSAIC_UNION_MAX_SHARE = UNION_MAX_SHARE
+# The Mosaic GPU union kernel's share under "auto" (implementation="mosaic"): the same rule
+# with its own measured share. H200, 64/4 bf16 rho0.87 (benchmarks/mosaic_union_bench.py):
+# the union kernel runs at about 400-430 raw TFLOP/s (useful 245-256 at mean 8-token unions
+# of 25-28), so it beats the Mosaic token kernel (about 80-110 useful) up to a union of
+# about 60: half a tile's tile_tokens * topk selections (64 of 128 at GQA 16). With the
+# Triton backend's 0.25 (32), "auto" left a third of the rho0.87 tiles to the token kernel
+# and ran at 157 / 123 TFLOP/s (16k / 64k) against the union kernel's 256 / 245.
+MOSAIC_UNION_MAX_SHARE = 0.5
 
 
 def max_union(num_queries_per_kv: int, topk: int, share: float = UNION_MAX_SHARE) -> int:
@@ -141,15 +147,11 @@ def sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, topk_ind
     from .mosaic import sparse_attention_mosaic as token_path
 
     path = mosaic_prefill_path(spec, query.shape[0], kv_cache.dtype, prefill_algorithm)
-
-    def token_kernel(positions):
-        return token_path(spec, query, kv_cache, topk_indices, token_to_req, positions,
+    if path == "token":
+        return token_path(spec, query, kv_cache, topk_indices, token_to_req, token_positions,
                           block_table, k_scale, v_scale, num_decode_tokens=num_decode_tokens,
                           prefill_algorithm=prefill_algorithm, num_splits=num_splits,
                           num_stages=num_stages)
-
-    if path == "token":
-        return token_kernel(token_positions)
     reason = mosaic_unavailable_reason()
     if reason is not None:
         raise RuntimeError(f'implementation="mosaic" cannot run here: {reason}. Use '
@@ -161,11 +163,44 @@ def sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, topk_ind
     out, left = paged_sparse_attention_mosaic_union(
         spec, query, kv_cache, topk_indices, token_to_req, token_positions, block_table,
         token_mask=~decode, max_union=cap)
-    rest = decode | left  # the token kernel's rows; its other rows give zeros
+    rest = decode | left  # the token kernel's rows
 
-    def with_token_rows():
-        token_out = token_kernel(jnp.where(rest, token_positions, -1))
-        return jnp.where(rest[:, None, None], token_out, out)
+    def token_rows(index):  # the token kernel on rows `index` (num_tokens: none)
+        valid = index < num_tokens
+        row = jnp.minimum(index, num_tokens - 1)
+        return token_path(spec, query[row], kv_cache, topk_indices[:, row], token_to_req[row],
+                          jnp.where(valid, token_positions[row], -1), block_table, k_scale,
+                          v_scale, num_decode_tokens=num_decode_tokens,
+                          prefill_algorithm=prefill_algorithm, num_splits=num_splits,
+                          num_stages=num_stages)
 
-    # A prefill-only batch whose tiles all ran on the union kernel launches nothing more.
-    return lax.cond(rest.any(), with_token_rows, lambda: out)
+    return run_on_rows(token_rows, rest, out)
+
+
+# Row counts the token kernel's launch is compiled for when it takes the rows the union
+# kernel leaves (shares of the batch; the smallest bucket that holds them runs).
+ROW_BUCKETS = (1 / 64, 1 / 8, 1.0)
+
+
+def run_on_rows(kernel, rows, out, buckets=ROW_BUCKETS):
+    """out with its rows `rows` (bool [n], traced) replaced by kernel(index)'s.
+
+    kernel(index) takes int32 [b] row indices (n for none: its rows there are dropped) and
+    returns [b, ...] rows. It runs on the smallest of the bucket sizes (shares of n, at least
+    1) that holds every row of `rows`, or not at all when there is none: a prefill whose
+    tiles all ran on the union kernel launches nothing more, and a few decode rows beside a
+    long prefill do not launch a kernel over every token. One XLA conditional.
+    """
+    n = rows.shape[0]
+    sizes = sorted({max(1, min(n, math.ceil(n * b))) for b in buckets} | {n})
+    count = rows.sum(dtype=jnp.int32)
+
+    def bucket(size):
+        def run():
+            index = jnp.nonzero(rows, size=size, fill_value=n)[0].astype(jnp.int32)
+            return out.at[index].set(kernel(index).astype(out.dtype), mode="drop")
+        return run
+
+    branch = jnp.where(count == 0, 0,
+                       1 + sum((count > s).astype(jnp.int32) for s in sizes[:-1]))
+    return lax.switch(branch, [lambda: out, *map(bucket, sizes)])

@@ -179,6 +179,27 @@ def test_mosaic_prefill_path():
         interop.tiling.max_union(16, 16, dispatch.MOSAIC_UNION_MAX_SHARE)
 
 
+@pytest.mark.parametrize("count", [0, 1, 2, 5, 13, 14, 99, 100])
+def test_run_on_rows(rng, count):
+    """The rows the union kernel leaves go to the token kernel on the smallest bucket that
+    holds them (none: no launch); the other rows keep their values."""
+    n = 100
+    out = jnp.asarray(rng.standard_normal((n, 2, 3)), jnp.float32)
+    rows = np.zeros(n, bool)
+    rows[rng.choice(n, count, replace=False)] = True
+    sizes = []
+
+    def kernel(index):
+        sizes.append(index.shape[0])
+        return jnp.broadcast_to(index[:, None, None] + 1000.0, (index.shape[0], 2, 3))
+
+    got = np.asarray(jax.jit(lambda r, o: dispatch.run_on_rows(kernel, r, o))(
+        jnp.asarray(rows), out))
+    want = np.where(rows[:, None, None], np.arange(n)[:, None, None] + 1000.0, np.asarray(out))
+    assert np.array_equal(got, want)
+    assert sizes == [2, 13, 100]  # shares 1/64, 1/8 and 1 of the rows, each traced once
+
+
 @pytest.mark.skipif(ON_HOPPER, reason="Mosaic GPU can run here")
 @pytest.mark.parametrize("algorithm", ["union", "auto"])
 def test_forced_mosaic_union_without_hopper_says_why(rng, algorithm):
@@ -281,7 +302,7 @@ def test_gpu_union_pipeline_and_chunks(rng, stages, pingpong, chunk):
     mask = jnp.arange(n) >= 1
     sentinel = jnp.full(problem.query.shape, 7.0, problem.query.dtype)
     out, left = mosaic_union.paged_sparse_attention_mosaic_union(
-        spec, *args[:6], token_mask=mask, max_union=30, out=sentinel, num_stages=stages,
+        spec, *args[:6], token_mask=mask, max_union=20, out=sentinel, num_stages=stages,
         pingpong=pingpong, chunk_tokens=chunk)
     out, left = np.asarray(out, np.float64), np.asarray(left)
     ref = _reference(problem)
