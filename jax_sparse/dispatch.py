@@ -59,13 +59,16 @@ UNION_MAX_SHARE = 0.25
 # tiles to the token kernel at any size this library is used at; forcing "k2q" still runs it.
 K2Q_MIN_TOKENS = 1 << 30
 # The Mosaic GPU union kernel's share under "auto" (implementation="mosaic"): the same rule
-# with its own measured share. H200, 64/4 bf16 rho0.87 (benchmarks/mosaic_union_bench.py):
-# the union kernel runs at about 400-430 raw TFLOP/s (useful 245-256 at mean 8-token unions
-# of 25-28), so it beats the Mosaic token kernel (about 80-110 useful) up to a union of
-# about 60: half a tile's tile_tokens * topk selections (64 of 128 at GQA 16). With the
-# Triton backend's 0.25 (32), "auto" left a third of the rho0.87 tiles to the token kernel
-# and ran at 157 / 123 TFLOP/s (16k / 64k) against the union kernel's 256 / 245.
-MOSAIC_UNION_MAX_SHARE = 0.5
+# with its own measured share. H200, 64/4 bf16, 16k tokens (benchmarks/mosaic_union_bench.py,
+# results/h200/mosaic_union_bench.log): the union kernel's raw rate (useful x union / 16) is
+# 390-440 TFLOP/s (useful 255 at a mean 8-token union of 24.6 with rho0.87, 138 at 51.2 with
+# random selections), the Mosaic token kernel's useful rate 81-84, so the union kernel wins
+# up to a union of about 86 (440 * 16 / 82): 0.65 of a tile's tile_tokens * topk selections
+# (83 of 128 at GQA 16). Measured with 0.5 (64): auto 254 / 251 TFLOP/s at 16k / 64k rho0.87
+# (the union kernel alone: 255 / 243), 100 at 16k random, where the union kernel alone ran
+# at 138 (the tiles above 64 went to the token kernel); with the Triton backend's 0.25: 157
+# / 123 at 16k / 64k rho0.87.
+MOSAIC_UNION_MAX_SHARE = 0.65
 
 
 def max_union(num_queries_per_kv: int, topk: int, share: float = UNION_MAX_SHARE) -> int:
