@@ -446,9 +446,9 @@ def paged_sparse_attention_mosaic_union(spec: SparseAttentionSpec, query, kv_cac
 
     q4 = grouped(query)
     kernel = functools.partial(
-        _kernel, layout=spec.kv_cache_layout, block_size=block_size, stages=stages, tile_tokens=tokens, moved=moved,
-        per_consumer=per_consumer, chunk=n, score_scale=spec.scale * LOG2E,
-        pingpong=pingpong)
+        _kernel, layout=spec.kv_cache_layout, block_size=block_size, stages=stages,
+        tile_tokens=tokens, moved=moved, per_consumer=per_consumer, chunk=n,
+        score_scale=spec.scale * LOG2E, pingpong=pingpong)
     name = (f"sparse_attention_mosaic_union_{spec.kv_cache_layout}_g{group}_s{stages}"
             f"{'_pp' if pingpong else ''}")
 

@@ -153,8 +153,8 @@ def test_plan_chunk_masks_match_contract(rng, heads, max_union):
         tokens = mosaic_union.tile_geometry(group)[0]
         full = np.asarray(mosaic_union.plan_union(
             jnp.asarray(problem.topk_indices), jnp.asarray(md.token_to_req),
-            jnp.asarray(md.token_positions), jnp.asarray(table), num_blocks=problem.kv_cache.shape[0],
-            block_size=128, tile_tokens=tokens, token_mask=jnp.asarray(mask)).size).max(0)
+            jnp.asarray(md.token_positions), jnp.asarray(table),
+            num_blocks=problem.kv_cache.shape[0], block_size=128, tile_tokens=tokens, token_mask=jnp.asarray(mask)).size).max(0)
         assert (left == (mask & np.repeat(full > max_union, tokens)[:n])).all()
     got = _kernel_keys(plan, group, n, 128)
     want = _contract_keys(problem, owned)
