@@ -55,7 +55,7 @@ def _attention(spec, query, kv_cache, topk_indices, token_to_req, token_position
         return sparse_attention_tpu(*args, num_decode_tokens=num_decode_tokens,
                                     prefill_algorithm=prefill_algorithm)
     if implementation == "mosaic":
-        from .mosaic import sparse_attention_mosaic
+        from .dispatch import sparse_attention_mosaic
         return sparse_attention_mosaic(*args, num_decode_tokens=num_decode_tokens,
                                        prefill_algorithm=prefill_algorithm)
     if num_splits is not None and (num_splits < 1 or spec.topk_blocks % num_splits):

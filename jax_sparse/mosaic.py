@@ -22,8 +22,8 @@ What differs from the Triton kernel:
   shared-memory tile (times the per-slot scale of each key; a scalar scale folds into the
   softmax scale and the output), which wgmma then reads.
 
-`prefill_algorithm`: checked like everywhere; every value runs this token kernel (the union
-and key-to-query paths exist on the Triton backend only).
+`prefill_algorithm`: `dispatch.sparse_attention_mosaic` decides; "union" and "auto" (large
+prefills) run the union kernel of `mosaic_union.py` and leave the other rows to this one.
 
 Mosaic GPU needs a Hopper GPU (compute capability 9.x: wgmma is sm_90a only) and a JAX whose
 `jax.experimental.pallas.mosaic_gpu` imports (it needs absl-py); `mosaic_unavailable_reason()`
@@ -436,7 +436,7 @@ def sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, topk_ind
 
     num_decode_tokens: int32 scalar (traced); decode and prefill rows run the same kernel in
     one launch, so it is not needed. prefill_algorithm: checked ("auto", "token", "union",
-    "k2q"); every value runs the token kernel here.
+    "k2q"); this is the token kernel's path (`dispatch.sparse_attention_mosaic` picks it).
     Raises RuntimeError (at trace time) where Mosaic GPU cannot run: see
     `mosaic_unavailable_reason`.
     """
