@@ -14,7 +14,11 @@ picks the path of the prefill rows (padding rows included; they give zeros on ev
 - "auto": a batch of fewer than UNION_MIN_TOKENS (padded) tokens runs as "token". A larger
   one is planned tile by tile on the device: a tile of prefill rows whose union is at most
   `max_union` runs on the union kernel; the other prefill rows go to k2q when the batch has
-  at least K2Q_MIN_TOKENS (padded) tokens, else to the token kernel.
+  at least K2Q_MIN_TOKENS (padded) tokens, else to the token kernel. On a Hopper GPU with
+  Mosaic GPU (`hopper_union`: 16-bit caches) the union tiles go to the Mosaic GPU union
+  kernel instead, with its own share (MOSAIC_UNION_MAX_SHARE), and every other row to the
+  Triton-backend token kernel, compacted (`run_on_rows`): each backend runs what it is
+  fastest at.
 
 Under implementation="mosaic" (`sparse_attention_mosaic`, Pallas Mosaic GPU) the same rules
 pick among the Mosaic kernels (`mosaic_prefill_path`): decode rows, "token" and "k2q" run on
@@ -108,6 +112,25 @@ def sparse_attention_pallas(spec: SparseAttentionSpec, query, kv_cache, topk_ind
         out = paged_sparse_attention_union(*args, token_mask=~decode, **common)
     elif prefill_algorithm == "k2q":
         out = paged_sparse_attention_k2q(*args, token_mask=~decode, **common)
+    elif hopper_union(spec, kv_cache.dtype, interpret):
+        # The Mosaic GPU union kernel takes the small-union tiles (1.8x the Triton-backend
+        # union on the H200), the Triton-backend token kernel every other row (1.4x the Mosaic
+        # token kernel), compacted so that no launch covers rows it does not compute.
+        out, left = paged_sparse_attention_mosaic_union(
+            spec, query, kv_cache, topk_indices, token_to_req, token_positions, block_table,
+            token_mask=~decode,
+            max_union=max_union(spec.num_queries_per_kv, spec.topk_blocks,
+                                MOSAIC_UNION_MAX_SHARE))
+
+        def token_rows(index):  # the token kernel on rows `index` (num_tokens: none)
+            row = jnp.minimum(index, num_tokens - 1)
+            return paged_sparse_attention(
+                spec, query[row], kv_cache, topk_indices[:, row], token_to_req[row],
+                jnp.where(index < num_tokens, token_positions[row], -1), block_table,
+                k_scale, v_scale, num_splits=num_splits, num_warps=num_warps,
+                num_stages=num_stages, **common)
+
+        return run_on_rows(token_rows, decode | left, out)
     else:
         out, left = paged_sparse_attention_union_capped(
             *args, max_union=max_union(spec.num_queries_per_kv, spec.topk_blocks),
@@ -117,6 +140,16 @@ def sparse_attention_pallas(spec: SparseAttentionSpec, query, kv_cache, topk_ind
         else:
             decode = decode | left  # the token kernel takes them with the decodes
     return token_kernel(token_mask=decode, out=out)
+
+
+def hopper_union(spec: SparseAttentionSpec, cache_dtype, interpret) -> bool:
+    """Whether "auto" on the Pallas kernels gives its small-union tiles to the Mosaic GPU union
+    kernel: compiled (not interpreted) on a Hopper GPU where Mosaic GPU runs, for the caches
+    and groups that kernel takes (`mosaic_union.unsupported_reason`). A static fact."""
+    if interpret or unsupported_reason(spec, cache_dtype) is not None:
+        return False
+    from .mosaic import mosaic_available
+    return mosaic_available()
 
 
 def mosaic_prefill_path(spec: SparseAttentionSpec, num_tokens: int, cache_dtype,

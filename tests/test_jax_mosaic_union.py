@@ -321,5 +321,11 @@ def test_gpu_auto_16k_against_device_reference(rng, layout):
     n = interop.tiling.UNION_MIN_TOKENS
     problem = _problem(rng, "auto", layout, (64, 4), topk=16, query_lens=[1] * 4 + [n - 4],
                        seq_lens=[9000, 129, 2000, 300, n + 1000], rho=0.87)
+    reference = _device_reference(problem)
     out = _run(problem, "mosaic", prefill_algorithm="auto")
-    _check(out, _device_reference(problem), f"mosaic auto 16k {layout}")
+    _check(out, reference, f"mosaic auto 16k {layout}")
+    # The default implementation on Hopper: the Mosaic union kernel for small-union tiles,
+    # the Triton-backend token kernel for the other rows (dispatch.hopper_union).
+    assert dispatch.hopper_union(problem.spec, jnp.bfloat16, None)
+    out = _run(problem, "pallas", prefill_algorithm="auto")
+    _check(out, reference, f"pallas auto 16k {layout} (Mosaic union tiles)")
