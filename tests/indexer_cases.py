@@ -22,7 +22,8 @@ class IndexProblem:
 def random_index_problem(ispec: IndexerSpec, query_lens, seq_lens, rng: np.random.Generator, *,
                          decode_query_len: int = 1, query_dtype: str = "bfloat16",
                          values: str = "small_int", num_tokens: int | None = None,
-                         max_blocks: int | None = None, poison: bool = True) -> IndexProblem:
+                         num_reqs: int | None = None, max_blocks: int | None = None,
+                         poison: bool = True) -> IndexProblem:
     """A random batch with a filled index cache.
 
     values: "small_int" draws every query and key entry from {-2, ..., 2} (never all zero):
@@ -30,12 +31,13 @@ def random_index_problem(ispec: IndexerSpec, query_lens, seq_lens, rng: np.rando
       the float64 reference bit for bit, and equal block scores (the tie rule) are common;
       "normal" draws standard normals.
     poison: slots no token may see (past each request's end, spare pages) hold NaN.
+    num_tokens / num_reqs / max_blocks: padding, as `interop.build_metadata` takes it.
     """
     table, num_blocks = random_block_table(seq_lens, rng, block_size=ispec.block_size,
                                            max_blocks=max_blocks)
     md = interop.build_metadata(query_lens, seq_lens, table, decode_query_len=decode_query_len,
                                 block_size=ispec.block_size, num_blocks=num_blocks,
-                                num_tokens=num_tokens)
+                                num_tokens=num_tokens, num_reqs=num_reqs)
     n, heads, dim = md.num_tokens, ispec.num_index_heads, ispec.index_head_size
 
     def draw(shape):
