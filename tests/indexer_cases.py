@@ -80,3 +80,28 @@ def assert_topk_equal(got, ref_topk, ref_scores, case: str, *, tol: float = 0.0)
         f"{case}: {diff.any(-1).sum()} rows differ; first at head {h[i]}, token {t[i]}: "
         f"got {got[h[i], t[i]].tolist()}, expected {ref_topk[h[i], t[i]].tolist()} "
         f"(scores of the expected row {np.round(ref_scores[h[i], t[i], np.maximum(ref_topk[h[i], t[i]], 0)], 4).tolist()})")
+
+
+def write_case(ispec: IndexerSpec, query_dtype: str, rng: np.random.Generator):
+    """(problem, keys, slots) for a write_index_k test: the first key holds values past the FP8
+    range (they saturate), the last token is padding (slot -1), token 1's slot lies past the
+    cache (never written)."""
+    prob = random_index_problem(ispec, [3, 2], [300, 2], rng, query_dtype=query_dtype,
+                                values="normal", num_tokens=6)
+    key = prob.index_key.astype(np.float32)
+    key[0, :4] = [6e4, -6e4, 3.0, -2.5]
+    slots = prob.metadata.slot_mapping.copy()
+    slots[1] = prob.index_cache.shape[0] * ispec.block_size
+    return prob, key.astype(prob.index_key.dtype), slots
+
+
+def expected_after_write(cache: np.ndarray, key: np.ndarray, slots: np.ndarray) -> np.ndarray:
+    """float32 cache after writing key [T, D] at slots [T] (negative or past the cache:
+    skipped), FP8 values saturated to the format's largest finite value."""
+    expected = cache.astype(np.float32)
+    fmax = interop.FP8_MAX.get(str(cache.dtype), np.inf)
+    stored = np.clip(key.astype(np.float32), -fmax, fmax).astype(cache.dtype)
+    live = (slots >= 0) & (slots < cache.shape[0] * cache.shape[1])
+    expected[slots[live] // cache.shape[1], slots[live] % cache.shape[1]] = \
+        stored[live].astype(np.float32)
+    return expected

@@ -8,7 +8,8 @@ import pytest
 import interop
 from interop.indexer import IndexerSpec
 
-from .indexer_cases import assert_topk_equal, random_index_problem
+from .indexer_cases import (assert_topk_equal, expected_after_write, random_index_problem,
+                            write_case)
 
 jax = pytest.importorskip("jax")
 jnp = jax.numpy
@@ -98,21 +99,11 @@ def test_tile_plan_covers_each_request(rng):
 @pytest.mark.parametrize("cache_dtype, query_dtype", CACHE_DTYPES + [("fp8_e5m2", "float16")])
 def test_write_index_k(rng, cache_dtype, query_dtype):
     ispec = IndexerSpec(1, index_cache_dtype=cache_dtype)
-    prob = random_index_problem(ispec, [3, 2], [300, 2], rng, query_dtype=query_dtype,
-                                values="normal", num_tokens=6)
-    key = prob.index_key.astype(np.float32)
-    key[0, :4] = [6e4, -6e4, 3.0, -2.5]  # FP8: saturates to the largest finite value
-    key = key.astype(prob.index_key.dtype)
-    slots = prob.metadata.slot_mapping  # the last token is padding (-1): not written
-    before = prob.index_cache.copy()
-    cache = jax_sparse.write_index_k(jnp.asarray(before), jnp.asarray(key),
+    prob, key, slots = write_case(ispec, query_dtype, rng)
+    cache = jax_sparse.write_index_k(jnp.asarray(prob.index_cache), jnp.asarray(key),
                                      jnp.asarray(slots), ispec)
-    expected = before.astype(np.float32)
-    fmax = interop.FP8_MAX.get(str(before.dtype), np.inf)
-    stored = np.clip(key.astype(np.float32), -fmax, fmax).astype(before.dtype)
-    live = slots >= 0
-    expected[slots[live] // 128, slots[live] % 128] = stored[live].astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(cache).astype(np.float32), expected)
+    np.testing.assert_array_equal(np.asarray(cache).astype(np.float32),
+                                  expected_after_write(prob.index_cache, key, slots))
 
 
 def test_write_index_k_donates_and_checks_first(rng):

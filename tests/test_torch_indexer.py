@@ -12,7 +12,8 @@ from interop.indexer import IndexerSpec
 
 from tests.compiled import run_without_interpreter
 
-from .indexer_cases import assert_topk_equal, random_index_problem
+from .indexer_cases import (assert_topk_equal, expected_after_write, random_index_problem,
+                            write_case)
 
 torch = pytest.importorskip("torch")
 import triton  # noqa: E402
@@ -128,22 +129,12 @@ def test_compile_fullgraph_traces_the_ops(rng):
 @pytest.mark.parametrize("cache_dtype, query_dtype", CACHE_DTYPES + [("fp8_e5m2", "float16")])
 def test_write_index_k(rng, cache_dtype, query_dtype):
     ispec = IndexerSpec(1, index_cache_dtype=cache_dtype)
-    prob = random_index_problem(ispec, [3, 2], [300, 2], rng, query_dtype=query_dtype,
-                                values="normal", num_tokens=6)
-    key = prob.index_key.astype(np.float32)
-    key[0, :4] = [6e4, -6e4, 3.0, -2.5]  # FP8: saturates to the largest finite value
-    key = key.astype(prob.index_key.dtype)
-    slots = prob.metadata.slot_mapping.copy()
-    slots[1] = 10**6  # past the cache: never written
+    prob, key, slots = write_case(ispec, query_dtype, rng)
     cache = interop.to_torch(prob.index_cache, DEVICE)
     torch_sparse.write_index_k(cache, interop.to_torch(key, DEVICE),
                                torch.from_numpy(slots).to(DEVICE), ispec)
-    expected = prob.index_cache.astype(np.float32)
-    fmax = interop.FP8_MAX.get(str(prob.index_cache.dtype), np.inf)
-    stored = np.clip(key.astype(np.float32), -fmax, fmax).astype(prob.index_cache.dtype)
-    live = (slots >= 0) & (slots < expected.shape[0] * 128)
-    expected[slots[live] // 128, slots[live] % 128] = stored[live].astype(np.float32)
-    np.testing.assert_array_equal(cache.float().cpu().numpy(), expected)
+    np.testing.assert_array_equal(cache.float().cpu().numpy(),
+                                  expected_after_write(prob.index_cache, key, slots))
 
 
 # ---------------------------------------------------------------- bad inputs
