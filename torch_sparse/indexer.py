@@ -66,12 +66,13 @@ def _max_with_nan(a, b):
 
 
 @triton.jit
-def _insert_block(top, q, cache_ptr, row_ptr, b, pos, nvis, last, num_blocks, stride_cb,
-                  stride_ct, offs_n, offs_d, INIT_BLOCKS: tl.constexpr,
+def _insert_block(top, q, cache_ptr, row_ptr, b, pos, nvis, first, last, num_blocks,
+                  stride_cb, stride_ct, offs_n, offs_d, INIT_BLOCKS: tl.constexpr,
                   LOCAL_BLOCKS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   DOT_DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
     """Score block b for every row (q [rows, D] in DOT_DTYPE, positions pos, visible blocks
-    nvis [rows]) and insert its key into the rows' running top-k `top` [rows, slots] int64.
+    nvis [rows]; first / last: the tile's smallest / largest live position) and insert its key
+    into the rows' running top-k `top` [rows, slots] int64.
     DOT_DTYPE: the query dtype compiled (FP8 keys convert to it exactly); float32 under the
     interpreter, whose 16-bit dot would multiply bit patterns."""
     page = tl.load(row_ptr + b).to(tl.int64)
@@ -82,7 +83,8 @@ def _insert_block(top, q, cache_ptr, row_ptr, b, pos, nvis, last, num_blocks, st
                 + offs_d[None, :], mask=(key_pos <= tl.where(page_ok, last, -1))[:, None],
                 other=0.0)
     qk = tl.dot(q, tl.trans(k.to(DOT_DTYPE)))                              # [rows, bs] f32
-    qk = tl.where(key_pos[None, :] <= pos[:, None], qk, float("-inf"))
+    if b * BLOCK_SIZE + BLOCK_SIZE - 1 > first:  # some row sees part of the block only
+        qk = tl.where(key_pos[None, :] <= pos[:, None], qk, float("-inf"))
     if INTERPRETED:  # a Python combine function would crawl: flag NaN rows separately
         nan_seen = tl.max((qk != qk).to(tl.int32), axis=1) > 0
         score = tl.where(nan_seen, float("nan"), tl.max(qk, axis=1))
@@ -147,6 +149,7 @@ def _index_topk_kernel(q_ptr, cache_ptr, table_ptr, qsl_ptr, pos_ptr, out_ptr, p
         pos = tl.load(pos_ptr + token, mask=live, other=-1)
         nvis = tl.where(pos >= 0, tl.minimum(pos // BLOCK_SIZE + 1, max_blocks), 0)
         last = tl.max(pos, axis=0)
+        first = tl.min(tl.where(live, pos, last), axis=0)
         chunk = tl.cdiv(tl.max(nvis, axis=0), SPLITS)
         lo = split * chunk
         hi = tl.minimum(lo + chunk, tl.max(nvis, axis=0))
@@ -159,14 +162,14 @@ def _index_topk_kernel(q_ptr, cache_ptr, table_ptr, qsl_ptr, pos_ptr, out_ptr, p
             # blocks past the range.
             for i in range(SPLIT_BLOCKS):
                 if lo + i < hi:
-                    top = _insert_block(top, q, cache_ptr, row_ptr, lo + i, pos, nvis, last,
+                    top = _insert_block(top, q, cache_ptr, row_ptr, lo + i, pos, nvis, first, last,
                                         num_blocks, stride_cb, stride_ct, offs_n, offs_d,
                                         INIT_BLOCKS, LOCAL_BLOCKS, BLOCK_SIZE, DOT_DTYPE,
                                         INTERPRETED)
         else:
             # Compiled: the loop runs over the range only, so its page loads pipeline.
             for b in range(lo, hi):
-                top = _insert_block(top, q, cache_ptr, row_ptr, b, pos, nvis, last,
+                top = _insert_block(top, q, cache_ptr, row_ptr, b, pos, nvis, first, last,
                                     num_blocks, stride_cb, stride_ct, offs_n, offs_d,
                                     INIT_BLOCKS, LOCAL_BLOCKS, BLOCK_SIZE, DOT_DTYPE,
                                     INTERPRETED)
