@@ -7,8 +7,8 @@ largest dot product of its index query with the block's visible index keys, and 
 sparse attention takes.
 
 This module is the single home of the indexer's shapes and of the priority order, including the
-32-bit priority key the kernels of both front ends sort by (`priority_keys`); the reference ranks by the contract's
-words instead (`select_blocks`), so the two check each other.
+32-bit priority key the kernels of both front ends sort by (`priority_keys`); the reference
+ranks by the contract's words instead (`select_blocks`), so the two check each other.
 """
 from __future__ import annotations
 

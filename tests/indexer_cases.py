@@ -75,11 +75,12 @@ def assert_topk_equal(got, ref_topk, ref_scores, case: str, *, tol: float = 0.0)
         gap = np.abs(np.where(np.isnan(a) & np.isnan(b), 0.0, a - b))
         if (gap <= tol).all():
             return
-    i = 0
+    h, t = h[0], t[0]
+    expected = ref_topk[h, t]
     raise AssertionError(
-        f"{case}: {diff.any(-1).sum()} rows differ; first at head {h[i]}, token {t[i]}: "
-        f"got {got[h[i], t[i]].tolist()}, expected {ref_topk[h[i], t[i]].tolist()} "
-        f"(scores of the expected row {np.round(ref_scores[h[i], t[i], np.maximum(ref_topk[h[i], t[i]], 0)], 4).tolist()})")
+        f"{case}: {diff.any(-1).sum()} rows differ; first at head {h}, token {t}: "
+        f"got {got[h, t].tolist()}, expected {expected.tolist()} (scores of the expected row "
+        f"{np.round(ref_scores[h, t, np.maximum(expected, 0)], 4).tolist()})")
 
 
 def write_case(ispec: IndexerSpec, query_dtype: str, rng: np.random.Generator):

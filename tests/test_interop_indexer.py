@@ -99,7 +99,8 @@ def test_reference_matches_brute_force(rng, heads, init, local, topk, values):
     got, scores = interop.reference_index_topk(ispec, prob.index_query, prob.index_cache,
                                                prob.metadata)
     assert got.dtype == np.int32 and got.shape == (heads, 12, topk)
-    assert scores.dtype == np.float64 and scores.shape == (heads, 12, prob.metadata.block_table.shape[1])
+    width = prob.metadata.block_table.shape[1]
+    assert scores.dtype == np.float64 and scores.shape == (heads, 12, width)
     np.testing.assert_array_equal(got, brute_force(ispec, prob.index_query, prob.index_cache,
                                                    prob.metadata))
     # Padding tokens: all -1, every score -inf; poisoned (NaN) slots no token sees never show.

@@ -183,8 +183,8 @@ def test_index_topk_rejects(rng, change, error, words):
 ])
 def test_write_index_k_rejects(change, error, words):
     cache = torch.ones((3, 128, 128), dtype=torch.bfloat16, device=DEVICE)
-    key = torch.ones(change.get("key_shape", (2, 128)), dtype=change.get("key_dtype", torch.bfloat16),
-                     device=DEVICE)
+    key = torch.ones(change.get("key_shape", (2, 128)), device=DEVICE,
+                     dtype=change.get("key_dtype", torch.bfloat16))
     cache = cache.to(change.get("cache_dtype", torch.bfloat16))
     slots = torch.tensor(change.get("slots", [0, 1]), device=DEVICE)
     with pytest.raises(error, match=words):

@@ -10,7 +10,7 @@ never read), takes one `tl.dot` of the tile's queries with it, and reduces each 
 over the keys j <= its position (NaN-propagating: a NaN seen makes the block's score NaN).
 
 Fused top-k. No score buffer: every row keeps a running top-k of next_power_of_2(topk) int64
-keys in registers, key = priority << 31 | (2^31 - 1 - block) (block ^ (2^31 - 1)) with the 32-bit priority of
+keys in registers, key = priority << 31 | (2^31 - 1 - block) with the 32-bit priority of
 `interop.indexer` (forced init > forced local > score > NaN score). Keys are distinct (block
 ids are), so "replace the row's smallest key when the new one is larger" keeps exactly the
 top keys, and larger key = higher priority, then smaller block: the contract's order and tie
