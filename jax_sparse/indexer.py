@@ -251,7 +251,7 @@ def _score_kernel(tile_req_ref, tile_start_ref, qsl_ref, pos_ref, table_ref, q_r
         dmask = jnp.broadcast_to(live[:, None], (tile_tokens, q_ref.shape[-1]))
         # (A Python int index trips the interpreter's indexer: heads are int32 scalars.)
         qs = [plgpu.load(q_ref.at[pl.ds(start, tile_tokens), jnp.int32(h), :], mask=dmask,
-                         other=0) for h in range(heads)]
+                         other=jnp.zeros((), q_ref.dtype)) for h in range(heads)]
         offs = jnp.arange(block_size, dtype=jnp.int32)
 
         def body(b, carry):
@@ -261,7 +261,7 @@ def _score_kernel(tile_req_ref, tile_start_ref, qsl_ref, pos_ref, table_ref, q_r
             rows = (b * block_size + offs <= last) & page_ok
             k = plgpu.load(cache_ref.at[jnp.where(page_ok, page, 0)],
                            mask=jnp.broadcast_to(rows[:, None], (block_size, cache_ref.shape[-1])),
-                           other=0)
+                           other=jnp.zeros((), cache_ref.dtype))
             seen = b * block_size + offs[None, :] <= pos[:, None]            # [TT, bs]
             for h in range(heads):
                 s = plgpu.dot(qs[h], k.astype(qs[h].dtype), trans_b=True)    # [TT, bs] f32

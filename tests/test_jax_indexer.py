@@ -165,3 +165,19 @@ def test_index_topk_rejects(rng, change, error, words):
         jax_sparse.index_topk(ispec, jnp.asarray(q), jnp.asarray(cache),
                               interop.to_jax(prob.metadata),
                               implementation=change.get("implementation", "xla"))
+
+
+@pytest.mark.parametrize("heads, cache", [(4, "auto"), (1, "fp8_e4m3")])
+def test_pallas_scorer_lowers_for_cuda(heads, cache):
+    """The scoring kernel lowers through Pallas' Triton backend for CUDA (no GPU needed)."""
+    ispec = IndexerSpec(heads, index_cache_dtype=cache)
+    sds, i32 = jax.ShapeDtypeStruct, jnp.int32
+    args = (sds((40, heads, 128), jnp.bfloat16),
+            sds(ispec.index_cache_shape(30), ispec.cache_storage_dtype("bfloat16")),
+            sds((40,), i32), sds((3, 20), i32), sds((4,), i32))
+
+    def call(*a):
+        return jax_sparse.indexer.index_scores_pallas(ispec, *a, interpret=False)
+
+    text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text.lower(), "no Triton kernel in the CUDA lowering"
