@@ -13,8 +13,8 @@ Two implementations of the scores, one selection:
   decode-first batch. Small grids (decode) split each tile's blocks over programs
   (`index_num_splits`). Workspace: the scores, float32 [heads, num_tokens, max_blocks].
 Selection (`select_topk`, XLA): each visible block's 32-bit priority key
-(`interop.indexer.priority_keys`: forced init, forced local, score, NaN) and one stable sort
-by (key descending, block ascending), which makes ties exact on every backend.
+(`interop.indexer.priority_keys`: forced init, forced local, score, NaN) and `lax.top_k`, whose
+lower-index-first rule among equal keys is the contract's tie rule: exact on every backend.
 """
 from __future__ import annotations
 
@@ -172,14 +172,13 @@ def select_topk(ispec: IndexerSpec, scores, nvis):
     """The contract's selection from scores float32 [H, T, W] (entries past nvis [T] are
     ignored, whatever they hold): int32 [H, T, topk_blocks]."""
     key = priority_keys(ispec, scores, nvis)
-    block = lax.broadcasted_iota(jnp.int32, key.shape, key.ndim - 1)
-    # Ascending on (~key, block): descending priority, then the smaller block.
-    _, order = lax.sort((jnp.invert(key), block), dimension=key.ndim - 1, num_keys=2)
     k = ispec.topk_blocks
-    width = order.shape[-1]
+    width = key.shape[-1]
+    # lax.top_k puts the lower index first among equal values: equal priority keys (which
+    # are equal priorities, ties included) go to the smaller block, as the contract says.
+    _, order = lax.top_k(key, min(k, width))
     if width < k:
         order = jnp.pad(order, ((0, 0), (0, 0), (0, k - width)))
-    order = order[..., :k]
     return jnp.where(jnp.arange(k) < nvis[:, None], order, -1).astype(jnp.int32)
 
 

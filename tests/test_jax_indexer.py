@@ -181,3 +181,11 @@ def test_pallas_scorer_lowers_for_cuda(heads, cache):
 
     text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text.lower(), "no Triton kernel in the CUDA lowering"
+
+
+def test_select_topk_ties_and_forced_blocks():
+    """Equal scores everywhere: forced init, forced local, then the smaller blocks."""
+    ispec = IndexerSpec(1, topk_blocks=6, init_blocks=1, local_blocks=2)
+    scores = jnp.ones((1, 2, 40), jnp.float32).at[0, 1, 7].set(jnp.nan)
+    out = jax_sparse.indexer.select_topk(ispec, scores, jnp.asarray([40, 9], jnp.int32))
+    np.testing.assert_array_equal(np.asarray(out), [[[0, 38, 39, 1, 2, 3], [0, 7, 8, 1, 2, 3]]])
