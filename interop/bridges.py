@@ -217,7 +217,12 @@ def kv_cache_to_torch(kv_cache, spec: SparseAttentionSpec, *, copy: bool = False
 
 
 def allocate_torch_kv_cache(spec: SparseAttentionSpec, num_blocks: int, query_dtype, device=None):
-    """An uninitialised PyTorch cache: the logical view over physical `spec` layout storage."""
+    """A PyTorch cache of num_blocks pages: the logical view over storage in the spec's physical
+    layout (as vLLM allocates it), holding the storage dtype for queries of `query_dtype`.
+
+    Its memory is uninitialised, like `torch.empty`: write every slot a step may attend before
+    attending it (`jax_sparse.allocate_kv_cache` instead fills with zeros). Also exported as
+    `torch_sparse.allocate_kv_cache`."""
     import torch
     name = str(query_dtype).replace("torch.", "")
     dtype = getattr(torch, spec.cache_storage_dtype(name))

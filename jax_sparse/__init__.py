@@ -8,7 +8,7 @@ import interop
 from .api import (IMPLEMENTATIONS, default_implementation, minimax_m3_sparse_attn,
                   minimax_m3_sparse_attn_decode, sparse_attention)
 from .attention import default_num_splits, paged_sparse_attention
-from .cache import write_kv
+from .cache import allocate_kv_cache, write_kv
 from .dispatch import sparse_attention_pallas
 from .indexer import INDEX_IMPLEMENTATIONS, index_topk, write_index_k
 from .k2q import paged_sparse_attention_k2q
@@ -20,8 +20,8 @@ from .xla import sparse_attention_xla
 interop.register_jax_pytrees()
 
 __all__ = [
-    "IMPLEMENTATIONS", "INDEX_IMPLEMENTATIONS", "default_implementation", "default_num_splits",
-    "index_topk", "kv_cache_sharding",
+    "IMPLEMENTATIONS", "INDEX_IMPLEMENTATIONS", "allocate_kv_cache", "default_implementation",
+    "default_num_splits", "index_topk", "kv_cache_sharding",
     "minimax_m3_sparse_attn",
     "minimax_m3_sparse_attn_decode", "paged_sparse_attention", "paged_sparse_attention_k2q",
     "paged_sparse_attention_union", "pack_dp_metadata", "plan_union", "sharded_sparse_attention",

@@ -172,7 +172,7 @@ def _compile_decode_for_sm90():
                      k_scale_ptr="*fp32", v_scale_ptr="*fp32", final_ptr="*bf16",
                      counter_ptr="*i32", qk_scale="fp32", **dict.fromkeys(ints, "i32"))
     constexprs = dict(GROUP=16, GROUP_PAD=16, HEAD_SIZE=128, BLOCK_SIZE=128, TOPK=16,
-                      NUM_SPLITS=16, CHUNK=1, DECODE_QUERY_LEN=1, HAS_TOKEN_MASK=False,
+                      TOPK_PAD=16, NUM_SPLITS=16, CHUNK=1, DECODE_QUERY_LEN=1, HAS_TOKEN_MASK=False,
                       HAS_K_SCALE=False, HAS_V_SCALE=False, FP16_COMPUTE=False,
                       DOT_DTYPE=tl.bfloat16)
     compiled = triton.compile(ASTSource(attention._sparse_attn_kernel, signature, constexprs),

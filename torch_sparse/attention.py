@@ -50,8 +50,9 @@ def selected_pages(topk: torch.Tensor, block_table: torch.Tensor, token_to_req: 
     [n]; block_table: [num_reqs, max_blocks]; token_mask: optional bool [n] (False: the token
     selects nothing). Returns (valid, block, page), each [num_kv_heads, n, topk]: valid (bool)
     when the token is live (position >= 0, request in range), 0 <= block <= position //
-    block_size, block < max_blocks and its page lies in [0, num_blocks); block and page are
-    int64, 0 where invalid.
+    block_size, block < max_blocks, its page lies in [0, num_blocks) and no earlier entry of
+    the row holds the same block (a repeat counts once); block and page are int64, 0 where
+    invalid.
     """
     num_reqs, max_blocks = block_table.shape
     req = token_to_req.long()
@@ -61,7 +62,10 @@ def selected_pages(topk: torch.Tensor, block_table: torch.Tensor, token_to_req: 
         live &= token_mask
     limit = torch.where(live, torch.clamp(pos // block_size + 1, max=max_blocks), 0)
     block = topk.long()
-    valid = (block >= 0) & (block < limit[None, :, None])
+    width = block.shape[-1]
+    earlier = torch.ones(width, width, dtype=torch.bool, device=block.device).tril(-1)
+    repeat = ((block[..., :, None] == block[..., None, :]) & earlier).any(-1)
+    valid = (block >= 0) & (block < limit[None, :, None]) & ~repeat
     block = torch.where(valid, block, 0)
     page = block_table[torch.where(live, req, 0)[None, :, None], block].long()
     valid &= (page >= 0) & (page < num_blocks)
@@ -90,6 +94,45 @@ def _entry_page(block, limit, req, block_table_ptr, stride_bt, num_blocks):
 
 
 @triton.jit
+def _first_occurrences(row_ptr, stride_kk, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr):
+    """Bitmask (int64; TOPK <= 64) over a top-k row: bit k set when entry k differs from every
+    entry before it. A repeated block is attended once, at its first occurrence (contract 5);
+    validity depends on the value only, so an earlier equal entry is valid exactly when this
+    one is. One vector load of the row and a [TOPK_PAD, TOPK_PAD] compare, once per program
+    (two small reductions; nothing is added to the loop over blocks)."""
+    offs = tl.arange(0, TOPK_PAD)
+    row = tl.load(row_ptr + offs * stride_kk, mask=offs < TOPK, other=-1)
+    repeated = tl.max(tl.where((row[:, None] == row[None, :]) & (offs[None, :] < offs[:, None]),
+                               1, 0), 1)
+    return tl.sum(tl.where(repeated > 0, 0, tl.full([TOPK_PAD], 1, tl.int64) << offs), 0)
+
+
+@triton.jit
+def _repeats_earlier(entry, row_ptr, j, stride_kk, TOPK: tl.constexpr):
+    """Whether entry j of a top-k row (value `entry`) equals one of entries [0, j): the rule of
+    `_first_occurrences` for rows wider than its 64-bit mask, with scalar loads of the row."""
+    repeated = j < 0  # False, as a tensor
+    for k in tl.static_range(TOPK - 1):
+        earlier = k < j
+        prior = tl.load(row_ptr + k * stride_kk, mask=earlier, other=0)
+        repeated = repeated | (earlier & (prior == entry))
+    return repeated
+
+
+@triton.jit
+def _finish_rows(acc, l_i, seen):
+    """(output rows, l) from the online-softmax state: acc / l where the row attended a key
+    (`seen`), zeros where it attended none. `seen` is tracked apart from l (contract 5): a
+    non-finite query row that attends a key has NaN scores (or +-inf ones) at its keys, so l is
+    NaN (inf - inf) or 0 (every score -inf), and `l > 0` would read either as "nothing
+    attended". A row that attended keys with l = 0 met only non-finite inputs: its l becomes
+    NaN, so the row is NaN (as 0 / 0 in the reference), and so is a split's log-sum-exp."""
+    l_i = tl.where(l_i == 0.0, float("nan"), l_i)
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    return tl.where(seen[:, None], out, 0.0), l_i
+
+
+@triton.jit
 def _fp16_rows(q, qk_scale):
     """FP8 caches compute in float16: scale each query row by (about) a power of two so its
     largest magnitude lies near 2^14 (no overflow; bfloat16's 8 significant bits fit in
@@ -105,7 +148,8 @@ def _fp16_rows(q, qk_scale):
 def _attend_block(acc, m_i, l_i, q, kv_ptr, k_scale_ptr, v_scale_ptr, page, load_mask,
                   score_mask, offs_n, offs_d, stride_tok, stride_kv, ks_slot, vs_slot, qk_scale,
                   BLOCK_SIZE: tl.constexpr, HAS_K_SCALE: tl.constexpr,
-                  HAS_V_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr):
+                  HAS_V_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  SCRUB_V: tl.constexpr = False):
     """Online-softmax update of (acc, m_i, l_i) [rows, ...] with one selected block.
 
     kv_ptr points at K[page, :, kv_head, :] (V is `stride_kv` further); the scale pointers at
@@ -114,6 +158,10 @@ def _attend_block(acc, m_i, l_i, q, kv_ptr, k_scale_ptr, v_scale_ptr, page, load
     q is in the compute dtype (the query's; float16 for an FP8 cache) and qk_scale is one
     factor per row. DOT_DTYPE is q's dtype when compiled; float32 under the interpreter, whose
     16-bit float dot would multiply bit patterns (operands are rounded to q's dtype first).
+    SCRUB_V: rows attend different keys of the loaded ones (score_mask is per row), so a key
+    a row skips still meets it in `p @ v` with p = 0, and 0 * NaN = NaN: non-finite V values
+    are zeroed before the dot, and a row that attends such a key gets l = NaN (its output is
+    NaN, contract 5). Not needed when every row attends exactly the loaded keys.
     """
     tile = offs_n[:, None].to(tl.int64) * stride_tok + offs_d[None, :]
     # FP8 values are exact in float16 (one conversion instruction per pair; to bfloat16 takes
@@ -131,6 +179,12 @@ def _attend_block(acc, m_i, l_i, q, kv_ptr, k_scale_ptr, v_scale_ptr, page, load
     p = tl.exp2(scores - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
+    if SCRUB_V:
+        v_bad = ~(tl.abs(v.to(tl.float32)) < float("inf"))
+        key_bad = tl.max(tl.where(v_bad, 1, 0), 1) > 0
+        hit = tl.max(tl.where(score_mask & key_bad[None, :], 1, 0), 1) > 0
+        l_i = tl.where(hit, float("nan"), l_i)
+        v = tl.where(v_bad, 0.0, v)
     if HAS_V_SCALE:
         p *= tl.load(v_scale_ptr + slot * vs_slot, mask=load_mask, other=0.0)[None, :]
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE))
@@ -144,7 +198,9 @@ def _merge_splits(part_ptr, lse_ptr, out_ptr, t, kv_head,
                   NUM_SPLITS: tl.constexpr):
     """out = sum_s 2^(lse_s - lse) * part_s for the GQA group of one (token, KV head), in one
     pass (a running max rescales the sum, so the partials load with their lse); every split
-    empty (all lse -inf): zeros. Partials are read from L2 (.cg): other SMs wrote them."""
+    empty (all lse -inf): zeros. A split whose lse is NaN (a non-finite query, or NaN met in
+    the cache) makes the row NaN: its weight is NaN whatever the running max does with it.
+    Partials are read from L2 (.cg): other SMs wrote them."""
     head = kv_head * GROUP + tl.arange(0, GROUP_PAD)
     head_mask = tl.arange(0, GROUP_PAD) < GROUP
     offs_d = tl.arange(0, HEAD_SIZE)
@@ -183,8 +239,8 @@ def _sparse_attn_kernel(
         stride_ls, stride_lt, stride_fot, stride_foh,
         ks_head, ks_slot, vs_head, vs_slot,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, NUM_SPLITS: tl.constexpr,
-        CHUNK: tl.constexpr, DECODE_QUERY_LEN: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, CHUNK: tl.constexpr, DECODE_QUERY_LEN: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr,
         HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, FP16_COMPUTE: tl.constexpr,
         DOT_DTYPE: tl.constexpr):
     """Grid (num_tokens, num_kv_heads, NUM_SPLITS).
@@ -228,29 +284,39 @@ def _sparse_attn_kernel(
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_SIZE], tl.float32)
+        seen = tl.zeros([GROUP_PAD], tl.int32)  # the rows attend one key set: one flag
         row = topk_ptr + kv_head.to(tl.int64) * stride_kg + t64 * stride_kt
         head_base = cache_ptr + kv_head.to(tl.int64) * stride_head
+        if TOPK <= 64:
+            first = _first_occurrences(row, stride_kk, TOPK, TOPK_PAD)
         for i in range(CHUNK):
             j = split * CHUNK + i
-            valid, block, page = _entry_page(
-                tl.load(row + j * stride_kk, mask=j < TOPK, other=-1), limit, req,
-                block_table_ptr, stride_bt, num_blocks)
+            entry = tl.load(row + j * stride_kk, mask=j < TOPK, other=-1)
+            # A repeated entry counts once: its later copies are dropped.
+            if TOPK <= 64:
+                entry = tl.where(((first >> j) & 1) != 0, entry, -1)
+            else:
+                entry = tl.where(_repeats_earlier(entry, row, j, stride_kk, TOPK), -1, entry)
+            valid, block, page = _entry_page(entry, limit, req, block_table_ptr, stride_bt,
+                                             num_blocks)
             # Keys up to `pos` of a valid block (one comparison: the interpreter turns a
-            # scalar & vector of bools into ints).
+            # scalar & vector of bools into ints). A valid block holds key `pos` or older.
             key_mask = offs_n <= tl.where(valid, pos - block * BLOCK_SIZE, -1)
+            seen = tl.maximum(seen, valid.to(tl.int32))
             acc, m_i, l_i = _attend_block(
                 acc, m_i, l_i, q, head_base + page.to(tl.int64) * stride_blk,
                 k_scale_ptr + kv_head * ks_head, v_scale_ptr + kv_head * vs_head, page,
                 key_mask, key_mask[None, :], offs_n, offs_d, stride_tok, stride_kv, ks_slot,
                 vs_slot, row_scale, BLOCK_SIZE, HAS_K_SCALE, HAS_V_SCALE, DOT_DTYPE)
 
-        # No valid entry (l = 0): the output is zeros and the partial's log-sum-exp is -inf.
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
-        out = acc / l_safe[:, None]
+        # No valid entry: the output is zeros and the partial's log-sum-exp is -inf; a
+        # non-finite query row that attends a key: NaN (and a NaN log-sum-exp).
+        attended = seen > 0
+        out, l_i = _finish_rows(acc, l_i, attended)
         tl.store(out_ptr + split * stride_os + t64 * stride_ot + head[:, None] * stride_oh
                  + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
         if NUM_SPLITS > 1:
-            lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+            lse = tl.where(attended, m_i + tl.log2(l_i), float("-inf"))
             tl.store(lse_ptr + split * stride_ls + t64 * stride_lt + head, lse, mask=head_mask)
             # Every thread's partial stores happen before the release (a CTA barrier, then
             # one gpu-scope acq_rel atomic); the last arrival acquires them all.
@@ -356,7 +422,8 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
         *part_strides, *lse_strides, output.stride(0), output.stride(1),
         ks_head, ks_slot, vs_head, vs_slot,
         GROUP=group, GROUP_PAD=group_pad, HEAD_SIZE=head_size,
-        BLOCK_SIZE=block_size, TOPK=width, NUM_SPLITS=splits, CHUNK=triton.cdiv(width, splits),
+        BLOCK_SIZE=block_size, TOPK=width, TOPK_PAD=triton.next_power_of_2(width),
+        NUM_SPLITS=splits, CHUNK=triton.cdiv(width, splits),
         DECODE_QUERY_LEN=decode_query_len, HAS_TOKEN_MASK=token_mask is not None,
         HAS_K_SCALE=k_scale is not None,
         HAS_V_SCALE=v_scale is not None,

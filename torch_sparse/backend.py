@@ -16,7 +16,8 @@ from interop import (CACHE_DTYPES, KV_CACHE_STRIDE_ORDERS, SUPPORTED_BLOCK_SIZES
                      SUPPORTED_HEAD_SIZES, SparseAttentionSpec, SparseMetadata, build_metadata,
                      to_torch)
 
-from .frontend import minimax_m3_sparse_attn, minimax_m3_sparse_attn_decode, write_kv
+from .frontend import (check_metadata, minimax_m3_sparse_attn, minimax_m3_sparse_attn_decode,
+                       write_kv)
 
 
 class MiniMaxM3SparseBackend:
@@ -73,24 +74,29 @@ class MiniMaxM3SparseMetadataBuilder:
     """Builds the per-step metadata (once, shared by every layer) on `device`.
 
     reorder_batch_threshold: requests with this many query tokens are the decodes, which the
-    scheduler puts first.
+    scheduler puts first. num_blocks: pages in the KV cache; when known, every page a request
+    uses is checked to lie in [0, num_blocks) on the host (a ValueError naming the entry),
+    before any kernel sees the table.
     """
 
     def __init__(self, spec: SparseAttentionSpec, device: torch.device | str,
-                 decode_query_len: int = 1) -> None:
+                 decode_query_len: int = 1, num_blocks: int | None = None) -> None:
         self.spec = spec
         self.device = torch.device(device)
         self.reorder_batch_threshold = decode_query_len
+        self.num_blocks = num_blocks
 
-    def build(self, query_lens, seq_lens, block_table,
-              num_tokens: int | None = None) -> SparseMetadata:
+    def build(self, query_lens, seq_lens, block_table, num_tokens: int | None = None,
+              num_blocks: int | None = None) -> SparseMetadata:
         """query_lens / seq_lens: [num_reqs] host ints; block_table: [num_reqs, max_blocks]
-        (host or device); num_tokens: padded token rows (default: the sum of query_lens)."""
+        (host or device); num_tokens: padded token rows (default: the sum of query_lens);
+        num_blocks: the cache's pages (default: the builder's)."""
         if isinstance(block_table, torch.Tensor):
             block_table = block_table.cpu().numpy()
-        metadata = build_metadata(query_lens, seq_lens, block_table,
-                                  decode_query_len=self.reorder_batch_threshold,
-                                  block_size=self.spec.block_size, num_tokens=num_tokens)
+        metadata = build_metadata(
+            query_lens, seq_lens, block_table, decode_query_len=self.reorder_batch_threshold,
+            block_size=self.spec.block_size, num_tokens=num_tokens,
+            num_blocks=self.num_blocks if num_blocks is None else num_blocks)
         return to_torch(metadata, self.device)
 
 
@@ -127,11 +133,13 @@ class MiniMaxM3SparseImpl:
         (a profiling run) the output is returned untouched."""
         if attn_metadata is None:
             return output
+        check_metadata(attn_metadata)
         md = attn_metadata
         nd = md.num_decode_tokens
         num_tokens = nd + md.num_prefill_tokens
         q = query[:num_tokens].view(-1, self.num_heads, self.head_size)
         out = output[:num_tokens].view(-1, self.num_heads, self.head_size)
+        output[num_tokens:].zero_()  # padding rows (CUDA-graph sizes): zeros, as sparse_attention
         scales = (getattr(layer, "_k_scale", None), getattr(layer, "_v_scale", None))
         decode = md.decode
         if decode is not None:

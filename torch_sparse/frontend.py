@@ -22,15 +22,61 @@ _FP8_MAX = {getattr(torch, name): value for name, value in FP8_MAX.items()}
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def _check_tensor(name: str, x, device: torch.device, dtypes, ndim: int) -> None:
+def _framework(x) -> str:
+    """"jax", "numpy" or "" from the type's module, without importing JAX."""
+    module = type(x).__module__.split(".")[0]
+    if module in ("jax", "jaxlib"):
+        return "jax"
+    return "numpy" if module == "numpy" else ""
+
+
+def _not_a_tensor(name: str, x, bridge: str = "interop.to_torch({name}, device)") -> TypeError:
+    """The TypeError for a non-tensor argument; a JAX or NumPy array gets the bridge to use."""
+    kind = _framework(x)
+    hint = ""
+    if kind:
+        what = "a JAX array" if kind == "jax" else "a NumPy array"
+        hint = f" ({what}: convert it with {bridge.format(name=name)})"
+    return TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}{hint}")
+
+
+_CACHE_BRIDGE = "interop.kv_cache_to_torch({name}, spec)"
+
+
+def _check_tensor(name: str, x, device: torch.device, dtypes, ndim: int,
+                  bridge: str = "interop.to_torch({name}, device)") -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise _not_a_tensor(name, x, bridge)
     if x.dtype not in dtypes:
         raise TypeError(f"{name} has dtype {x.dtype}; expected one of {list(dtypes)}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but the query is on {device}")
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    """A Python int (TypeError otherwise) of at least `minimum` (ValueError otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_spec(spec) -> None:
+    if not isinstance(spec, SparseAttentionSpec):
+        raise TypeError(f"spec must be an interop.SparseAttentionSpec, got {type(spec).__name__}")
+
+
+def check_metadata(metadata) -> None:
+    """The PyTorch flavour of SparseMetadata (TypeError naming the bridge otherwise)."""
+    if not isinstance(metadata, SparseMetadata):
+        raise TypeError(f"metadata must be an interop.SparseMetadata, got "
+                        f"{type(metadata).__name__}")
+    if not isinstance(metadata.block_table, torch.Tensor):
+        kind = {"jax": "JAX", "numpy": "NumPy"}.get(_framework(metadata.block_table), "non-torch")
+        raise TypeError(f"metadata holds {kind} arrays; convert it with "
+                        "interop.to_torch(metadata, device)")
 
 
 def _check_unit_stride(name: str, x: torch.Tensor) -> None:
@@ -49,7 +95,9 @@ def _scale_tensor(name: str, scale, num_kv_heads: int, num_slots: int,
     if scale is None:
         return None
     if isinstance(scale, bool) or not isinstance(scale, (int, float, torch.Tensor)):
-        raise TypeError(f"{name} must be None, a float or a tensor, got {type(scale).__name__}")
+        hint = " (convert it with interop.to_torch)" if _framework(scale) else ""
+        raise TypeError(f"{name} must be None, a float or a tensor, got "
+                        f"{type(scale).__name__}{hint}")
     if not isinstance(scale, torch.Tensor):
         return torch.full((), float(scale), dtype=torch.float32, device=device)
     if not scale.is_floating_point():
@@ -68,7 +116,7 @@ def _scale_tensor(name: str, scale, num_kv_heads: int, num_slots: int,
 def _check_cache(kv_cache, num_kv_heads: int, head_size: int, device: torch.device,
                  k_scale, v_scale):
     """Validate the logical cache view; returns its FP8 max (0 if not FP8) and the scales."""
-    _check_tensor("kv_cache", kv_cache, device, _CACHE_DTYPES, 5)
+    _check_tensor("kv_cache", kv_cache, device, _CACHE_DTYPES, 5, _CACHE_BRIDGE)
     num_blocks, two, block_size, heads, size = kv_cache.shape
     if (two != 2 or block_size not in SUPPORTED_BLOCK_SIZES or heads != num_kv_heads
             or size != head_size):
@@ -88,7 +136,7 @@ def _check_cache(kv_cache, num_kv_heads: int, head_size: int, device: torch.devi
 def _check_spec_cache(spec: SparseAttentionSpec, kv_cache, dtype: torch.dtype) -> None:
     """The cache has the spec's logical shape and stores what the spec says for `dtype` data."""
     if not isinstance(kv_cache, torch.Tensor):
-        raise TypeError(f"kv_cache must be a torch.Tensor, got {type(kv_cache).__name__}")
+        raise _not_a_tensor("kv_cache", kv_cache, _CACHE_BRIDGE)
     spec.check_logical_kv_cache_shape(kv_cache.shape)
     expected = spec.cache_storage_dtype(str(dtype).replace("torch.", ""))
     if kv_cache.dtype != getattr(torch, expected):
@@ -100,15 +148,14 @@ def _check_attention(q, kv_cache, topk, block_table, num_kv_heads, sm_scale, out
                      k_scale, v_scale):
     """The checks every attention entry point shares; returns (k_scale, v_scale) tensors."""
     if not isinstance(q, torch.Tensor):
-        raise TypeError(f"q must be a torch.Tensor, got {type(q).__name__}")
+        raise _not_a_tensor("q", q)
     device = q.device
     _check_tensor("q", q, device, _QUERY_DTYPES, 3)
     num_tokens, num_heads, head_size = q.shape
     if head_size not in SUPPORTED_HEAD_SIZES:
         raise ValueError(f"head_size {head_size} is not supported; expected one of "
                          f"{SUPPORTED_HEAD_SIZES}")
-    if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads < 1:
-        raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
+    _check_int("num_kv_heads", num_kv_heads, 1)
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads "
                          f"({num_kv_heads})")
@@ -125,6 +172,8 @@ def _check_attention(q, kv_cache, topk, block_table, num_kv_heads, sm_scale, out
         raise ValueError(f"output shape {tuple(output.shape)} must equal the query shape "
                          f"{tuple(q.shape)}")
     _check_unit_stride("output", output)
+    if isinstance(sm_scale, bool) or not isinstance(sm_scale, (int, float)):
+        raise TypeError(f"sm_scale must be a float, got {type(sm_scale).__name__}")
     if not float(sm_scale) > 0.0:
         raise ValueError(f"sm_scale must be a positive float, got {sm_scale!r}")
     return k_scale, v_scale
@@ -172,9 +221,7 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, 
     """
     k_scale, v_scale = _check_attention(q, kv_cache, topk_idx, block_table, num_kv_heads,
                                         sm_scale, output, k_scale, v_scale)
-    if (isinstance(decode_query_len, bool) or not isinstance(decode_query_len, int)
-            or decode_query_len < 1):
-        raise ValueError(f"decode_query_len must be an int >= 1, got {decode_query_len!r}")
+    _check_int("decode_query_len", decode_query_len, 1)
     _check_tensor("seq_lens", seq_lens, q.device, _INDEX_DTYPES, 1)
     _check_length("seq_lens", seq_lens, block_table.shape[0], "block_table's rows")
     if q.shape[0] != seq_lens.shape[0] * decode_query_len:
@@ -200,12 +247,14 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
     "k2q" (`torch_sparse/dispatch.py`); decode rows always run on the token kernel.
     """
     check_prefill_algorithm(prefill_algorithm)
+    _check_spec(spec)
     if not isinstance(query, torch.Tensor):
-        raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
+        raise _not_a_tensor("query", query)
     num_tokens = spec.check_query_shape(query.shape)
     _check_spec_cache(spec, kv_cache, query.dtype)
     if not isinstance(topk_indices, torch.Tensor):
-        raise TypeError(f"topk_indices must be a torch.Tensor, got {type(topk_indices).__name__}")
+        raise _not_a_tensor("topk_indices", topk_indices)
+    check_metadata(metadata)
     spec.check_topk_shape(topk_indices.shape, num_tokens)
     if output is None:
         output = torch.empty_like(query)
@@ -231,15 +280,24 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
 
 def write_kv(kv_cache, key, value, slot_mapping, spec: SparseAttentionSpec, k_scale=None,
              v_scale=None, *, impl: str | None = None) -> None:
-    """Write new K/V into the cache in place (negative slots are skipped).
+    """Write new K/V into the cache in place.
 
     kv_cache: the logical view (num_blocks, 2, block_size, num_kv_heads, head_size) in the
-    spec's cache dtype; key / value: [num_tokens, num_kv_heads, head_size] bf16/fp16;
-    slot_mapping: [>= num_tokens] int (page * block_size + offset). FP8 caches store
-    value / scale saturated to the format's largest finite value.
+    spec's cache dtype (a cache JAX owns: its `interop.kv_cache_to_torch` view, written in
+    place); key / value: [num_tokens, num_kv_heads, head_size] bf16/fp16; slot_mapping:
+    [>= num_tokens] int (page * block_size + offset; entries past num_tokens are ignored, as
+    vLLM pads it; fewer is a ValueError). FP8 caches store value / scale saturated to the
+    format's largest finite value.
+
+    Slots (contract 5): a negative slot is padding, skipped. A slot >= num_blocks * block_size
+    is never written; on CPU tensors it is a ValueError naming the first such token and its
+    slot, raised before anything is written. On a GPU the check costs a host sync, so it runs
+    only in check mode: set the environment variable M3_SPARSE_CHECKS=1 (read at every call;
+    skipped during a CUDA-graph capture).
     """
+    _check_spec(spec)
     if not isinstance(key, torch.Tensor):
-        raise TypeError(f"key must be a torch.Tensor, got {type(key).__name__}")
+        raise _not_a_tensor("key", key)
     device = key.device
     _check_tensor("key", key, device, _QUERY_DTYPES, 3)
     _check_tensor("value", value, device, (key.dtype,), 3)

@@ -11,17 +11,22 @@ rows per 64 KB block. K2Q inverts the selection instead (MiniMax's "MSA" prefill
    each of its query tiles gathers PAIRS tokens x the GQA group as rows (>= 64 rows where the
    group allows, so Hopper can use wgmma), masks each row causally (key position <= the
    row's token position), takes the softmax over this block only (no rescaling) and writes the
-   normalised partial output and its log2-sum-exp at [k, token, head].
+   normalised partial output and its log2-sum-exp at [k, token, head]. Rows attend different
+   keys of the page, so the page's non-finite V values are zeroed before `p @ v` and a row
+   that attends one gets a NaN partial (a key no row attends never shows, contract 5).
 3. `_k2q_combine_kernel`, one program per (token, KV head): merges the valid columns k of the
-   token's top-k row. Validity is recomputed with the rule the plan used, so a partial that no
-   program wrote is never read; a row with no valid entry gets zeros.
+   token's top-k row. Validity is recomputed with the rule the plan used (a repeated entry
+   counts once, at its first column), so a partial that no program wrote is never read; a row
+   with no valid entry gets zeros, a row with a NaN partial (a non-finite query, or a NaN in a
+   slot it attends) NaN.
 
 `launch_k2q` runs the three over chunks of tokens so the partials and the plan stay inside
 `WORKSPACE_BYTES` whatever the prefill size.
 
 Entry validity (the token kernel's rule): token t of request r at position p is live when
 p >= 0 and 0 <= r < num_reqs (and token_mask[t], when given); entry b is valid when
-0 <= b <= p // block_size, b < max_blocks and page = block_table[r, b] lies in [0, num_blocks).
+0 <= b <= p // block_size, b < max_blocks, page = block_table[r, b] lies in [0, num_blocks)
+and no earlier entry of the row holds b.
 """
 from __future__ import annotations
 
@@ -171,7 +176,13 @@ def _k2q_block_kernel(
         tile = offs_n[:, None].to(tl.int64) * stride_tok + offs_d[None, :]
         compute_dtype = tl.float16 if FP16_COMPUTE else q_ptr.dtype.element_ty
         k = tl.load(kv_base + tile).to(compute_dtype).to(DOT_DTYPE)
-        v = tl.load(kv_base + stride_kv + tile).to(compute_dtype).to(DOT_DTYPE)
+        v = tl.load(kv_base + stride_kv + tile).to(compute_dtype)
+        # Rows attend different keys of the page (and none attends keys past the request's
+        # end): a skipped key meets `p @ v` with p = 0, and 0 * NaN = NaN. Non-finite V values
+        # are zeroed once per item; a row that attends one gets l = NaN below (contract 5).
+        v_bad = ~(tl.abs(v.to(tl.float32)) < float("inf"))
+        key_bad = tl.max(tl.where(v_bad, 1, 0), 1) > 0
+        v = tl.where(v_bad, 0.0, v).to(DOT_DTYPE)
         slot_ids = page * BLOCK_SIZE + offs_n
         if HAS_K_SCALE:
             k_scale = tl.load(k_scale_ptr + kv_head * ks_head + slot_ids * ks_slot)
@@ -196,21 +207,27 @@ def _k2q_block_kernel(
                 scores = tl.dot(q.to(DOT_DTYPE), tl.trans(k)) * row_scale[:, None]
                 if HAS_K_SCALE:
                     scores *= k_scale[None, :]
-                scores = tl.where(offs_n[None, :] <= last[:, None], scores, float("-inf"))
+                key_mask = offs_n[None, :] <= last[:, None]
+                scores = tl.where(key_mask, scores, float("-inf"))
                 m = tl.max(scores, 1)
                 m = tl.where(m == float("-inf"), 0.0, m)  # dead rows: no inf - inf
                 p = tl.exp2(scores - m[:, None])
+                # A live row attends key 0 at least, so l >= 1 unless non-finite inputs made
+                # it NaN or 0 (as `attention._finish_rows` says): then the partial and its lse
+                # are NaN, and the combine carries the NaN into the row.
                 l_sum = tl.sum(p, 1)
+                hit = tl.max(tl.where(key_mask & key_bad[None, :], 1, 0), 1) > 0
+                l_sum = tl.where(hit | (l_sum == 0.0), float("nan"), l_sum)
+                l_sum = tl.where(row_live, l_sum, 1.0)  # dead rows are not stored
                 if HAS_V_SCALE:
                     p *= v_scale[None, :]
                 acc = tl.dot(p.to(compute_dtype).to(DOT_DTYPE), v)
-                l_safe = tl.where(l_sum > 0, l_sum, 1.0)
                 row = column * stride_pk + (token - first_token) * stride_pt + head * stride_ph
                 tl.store(part_ptr + row[:, None] + offs_d[None, :],
-                         (acc / l_safe[:, None]).to(part_ptr.dtype.element_ty),
+                         (acc / l_sum[:, None]).to(part_ptr.dtype.element_ty),
                          mask=row_live[:, None])
                 tl.store(lse_ptr + column * stride_lk + (token - first_token) * stride_lt + head,
-                         m + tl.log2(l_safe), mask=row_live)
+                         m + tl.log2(l_sum), mask=row_live)
 
 
 @triton.jit
@@ -225,8 +242,9 @@ def _k2q_combine_kernel(
         HAS_MASK: tl.constexpr):
     """Grid (chunk tokens, num_kv_heads): output rows of token first_token + program_id(0).
 
-    out = sum_k 2^(lse_k - lse) * part_k over the valid columns k of the row (the plan's rule);
-    zeros when none is valid. Tokens excluded by the mask are not written.
+    out = sum_k 2^(lse_k - lse) * part_k over the valid columns k of the row (the plan's rule,
+    a repeated entry's first column only); zeros when none is valid, NaN when a partial's lse
+    is NaN (its weight is NaN). Tokens excluded by the mask are not written.
     """
     i = tl.program_id(0).to(tl.int64)
     t = first_token + i
@@ -246,7 +264,11 @@ def _k2q_combine_kernel(
     head = kv_head * GROUP + offs_h
     block = tl.load(topk_ptr + kv_head.to(tl.int64) * stride_kg + t * stride_kt
                     + offs_k * stride_kk, mask=offs_k < TOPK, other=-1)
-    valid, _, _ = _entry_page(block, limit, req, block_table_ptr, stride_bt, num_blocks)
+    # A repeated entry counts once: only its first column was planned (`selected_pages`).
+    repeated = tl.max(tl.where((block[:, None] == block[None, :])
+                               & (offs_k[None, :] < offs_k[:, None]), 1, 0), 1) > 0
+    valid, _, _ = _entry_page(tl.where(repeated, -1, block), limit, req, block_table_ptr,
+                              stride_bt, num_blocks)
     lse = tl.load(lse_ptr + offs_k[:, None] * stride_lk + i * stride_lt + head[None, :],
                   mask=valid[:, None] & (offs_h < GROUP)[None, :], other=float("-inf"))
     peak = tl.max(lse, 0)

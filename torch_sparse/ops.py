@@ -9,9 +9,13 @@ returns nothing, so it allocates no output and a CUDA graph can capture a decode
 CPU when TRITON_INTERPRET=1) or "reference" (pure PyTorch, for machines without Triton).
 `prefill_algorithm` (a str) and `first_prefill_token` (an int) pick the kernels of a batch's
 prefill rows (`dispatch.py`); the reference ignores them.
+
+Check mode: with the environment variable M3_SPARSE_CHECKS=1 (read at every call), write_kv
+checks its slots on a GPU too (`check_slots`), at the price of a host sync.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -25,23 +29,63 @@ except ImportError:  # no Triton: only the reference path runs
 
 IMPLS = ("triton", "reference")
 HAS_TRITON = attention is not None
+# Whether the Triton kernels run in Triton's interpreter (on CPU tensors). Triton reads
+# TRITON_INTERPRET when it defines the kernels, so this is fixed when torch_sparse is imported.
+INTERPRETED = HAS_TRITON and attention.INTERPRETED
+CHECKS_ENV = "M3_SPARSE_CHECKS"
 
 
 def default_impl(device: torch.device) -> str:
-    """"triton" where the kernels can run on `device`, else "reference"."""
-    if HAS_TRITON and (device.type == "cuda" or attention.INTERPRETED):
+    """The path that runs on `device` when no impl is given: "triton" on a CUDA device, and on
+    a CPU when the kernels run in Triton's interpreter (INTERPRETED: TRITON_INTERPRET=1 was set
+    before torch_sparse was imported); "reference" (pure PyTorch) everywhere else, and
+    wherever Triton is not installed."""
+    if HAS_TRITON and (device.type == "cuda" or INTERPRETED):
         return "triton"
     return "reference"
 
 
 def check_impl(impl: str | None, device: torch.device) -> str:
+    """`impl`, or the device's default for None; a ValueError naming the fix when the kernels
+    cannot run there."""
     if impl is None:
         return default_impl(device)
     if impl not in IMPLS:
         raise ValueError(f"impl {impl!r} is unknown; expected one of {IMPLS}")
     if impl == "triton" and not HAS_TRITON:
-        raise ValueError("impl 'triton' needs Triton, which is not installed; use 'reference'")
+        raise ValueError("impl 'triton' needs Triton, which is not installed; use "
+                         "impl='reference'")
+    if impl == "triton" and device.type != "cuda" and not INTERPRETED:
+        late = (" (TRITON_INTERPRET is set now, but Triton reads it when torch_sparse is "
+                "imported)" if os.environ.get("TRITON_INTERPRET") == "1" else "")
+        raise ValueError(f"impl 'triton' cannot run on {device}: the Triton kernels need a CUDA "
+                         f"device or Triton's interpreter{late}; set TRITON_INTERPRET=1 before "
+                         "importing torch_sparse, or use impl='reference'")
     return impl
+
+
+def checks_enabled() -> bool:
+    """Check mode (M3_SPARSE_CHECKS=1), read at call time."""
+    return os.environ.get(CHECKS_ENV, "") == "1"
+
+
+def check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
+    """ValueError naming the first token whose slot is >= num_slots (outside the cache).
+
+    Runs where it is free, on CPU tensors, and in check mode on any device (a host sync; not
+    during a CUDA-graph capture, where it is skipped). Negative slots are padding, never an
+    error. Without a check a slot outside the cache is skipped: never written.
+    """
+    if slot_mapping.device.type != "cpu":
+        if not checks_enabled() or (slot_mapping.is_cuda
+                                    and torch.cuda.is_current_stream_capturing()):
+            return
+    bad = torch.nonzero(slot_mapping >= num_slots)
+    if bad.numel():
+        t = int(bad[0, 0])
+        raise ValueError(f"slot_mapping[{t}] = {int(slot_mapping[t])} is outside the cache: "
+                         f"token {t}'s slot must be < num_blocks * block_size = {num_slots} "
+                         "(or negative: padding, not written)")
 
 
 def _sparse_attn(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
@@ -81,7 +125,13 @@ def _sparse_attn_decode(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch
 def _write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              slot_mapping: torch.Tensor, fp8_max: float, k_scale: Optional[torch.Tensor],
              v_scale: Optional[torch.Tensor], impl: str) -> None:
-    """Write key / value [num_tokens, num_kv_heads, head_size] at slot_mapping [num_tokens]."""
+    """Write key / value [num_tokens, num_kv_heads, head_size] at slot_mapping [num_tokens].
+
+    Negative slots are skipped; a slot past the cache is a ValueError where checking is free
+    (CPU tensors) or asked for (M3_SPARSE_CHECKS=1), else skipped (`check_slots`). The check
+    runs here, inside the op, so a torch.compile'd caller checks too.
+    """
+    check_slots(slot_mapping, kv_cache.shape[0] * kv_cache.shape[2])
     if impl == "reference":
         reference.write_kv_reference(kv_cache, key, value, slot_mapping, fp8_max=fp8_max,
                                      k_scale=k_scale, v_scale=v_scale)

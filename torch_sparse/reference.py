@@ -1,8 +1,10 @@
 """The pure-PyTorch path: the same operations as the Triton kernels, for machines without Triton.
 
 Same inputs, same masking rules (an entry counts when it is a block the token may see, inside
-the block-table row, on a page inside the cache), computed in float32 with gathers. It is meant
-for correctness, not speed.
+the block-table row, on a page inside the cache, and not a repeat of an earlier entry of its
+row), the same garbage-in rules (contract 5: a non-finite query row that attends a key gives
+NaN; a key no row attends never shows; write_kv never writes a slot outside the cache),
+computed in float32 with gathers. It is meant for correctness, not speed.
 """
 from __future__ import annotations
 
@@ -62,7 +64,11 @@ def sparse_attention_reference(query: torch.Tensor, kv_cache: torch.Tensor, topk
     limit = torch.where(live, torch.div(pos, block_size, rounding_mode="floor") + 1, 0)
     limit = limit.clamp(max=max_blocks)
     blocks = topk[:, :num_tokens].long()
-    valid = (blocks >= 0) & (blocks < limit[None, :, None])
+    # A repeated entry counts once (its first occurrence).
+    width = blocks.shape[-1]
+    earlier = torch.ones(width, width, dtype=torch.bool, device=blocks.device).tril(-1)
+    repeat = ((blocks[..., :, None] == blocks[..., None, :]) & earlier).any(-1)
+    valid = (blocks >= 0) & (blocks < limit[None, :, None]) & ~repeat
     blocks = torch.where(valid, blocks, 0)
     pages = block_table.long()[req[None, :, None].expand_as(blocks), blocks]
     valid &= (pages >= 0) & (pages < num_blocks)
@@ -82,10 +88,16 @@ def sparse_attention_reference(query: torch.Tensor, kv_cache: torch.Tensor, topk
             qg = query[t0:t1, g * group:(g + 1) * group].float()           # [C, group, D]
             scores = sm_scale * (qg @ k.reshape(c, -1, head_size).transpose(1, 2))
             mask = mask.reshape(c, 1, -1)
+            # A key the token does not attend never shows, whatever its bits: V zeroed (0 * NaN
+            # is NaN), score -inf.
+            v = torch.where(mask.reshape(c, -1, 1), v.reshape(c, -1, head_size), 0.0)
             weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-            # A token with no valid key gets NaN from softmax over -inf: make it zeros.
-            weights = torch.where(mask.any(-1, keepdim=True), weights, 0.0)
-            out = weights @ v.reshape(c, -1, head_size)
+            attended = mask.any(-1, keepdim=True)                          # [C, 1, 1]
+            # A token with no valid key gets NaN from softmax over -inf: make it zeros. A
+            # non-finite query row that attends a key gives NaN (contract 5).
+            bad_q = ~qg.isfinite().all(-1, keepdim=True)                   # [C, group, 1]
+            weights = torch.where(attended, weights, 0.0)
+            out = torch.where(bad_q & attended, float("nan"), weights @ v)
             output[t0:t1, g * group:(g + 1) * group] = out.to(output.dtype)
 
 

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (_TL_DTYPES, INTERPRETED, LOG2_E, _attend_block, _fp16_rows, _scale_args,
-                        selected_pages)
+from .attention import (_TL_DTYPES, INTERPRETED, LOG2_E, _attend_block, _finish_rows, _fp16_rows,
+                        _scale_args, selected_pages)
 
 # Query rows a tile aims for (tokens x padded GQA group): wgmma takes 64 rows per warpgroup.
 TILE_ROWS = 128
@@ -89,7 +89,8 @@ def plan_union(topk: torch.Tensor, block_table: torch.Tensor, token_to_req: torc
     [num_reqs, max_blocks]; token_to_req / token_positions: [num_tokens] (position -1:
     padding, selects nothing); num_blocks: pages in the cache; end_token: default num_tokens.
     Entries are distinct per (page, logical block): tokens of two requests that share a page
-    for the same block share the entry. A row that repeats a valid entry sets its bit once.
+    for the same block share the entry. A row that repeats a valid entry sets its bit once
+    (`selected_pages` drops the repeat).
     Device ops only (sort, cumsum, scatter; no host sync): a CUDA graph can hold the call.
     """
     if end_token is None:
@@ -112,12 +113,11 @@ def plan_union(topk: torch.Tensor, block_table: torch.Tensor, token_to_req: torc
     live = key < sentinel
     same_key = torch.zeros_like(live)
     same_key[..., 1:] = key[..., 1:] == key[..., :-1]
-    same_token = torch.zeros_like(live)
-    same_token[..., 1:] = token[..., 1:] == token[..., :-1]
     first = live & ~same_key
     union_index = torch.cumsum(first, -1) - 1
-    # Each run's tokens are distinct once repeats are dropped: their sum is their bitwise or.
-    bits = torch.where(live & ~(same_key & same_token), torch.ones_like(token) << token, 0)
+    # A run's tokens are distinct (selected_pages keeps one copy of a repeated entry): their
+    # sum is their bitwise or.
+    bits = torch.where(live, torch.ones_like(token) << token, 0)
     spill = torch.full_like(union_index, entries)  # writes of non-entries land past the end
     token_bits = torch.zeros((num_kv_heads, num_tiles, entries + 1), dtype=torch.int64,
                              device=topk.device)
@@ -135,12 +135,14 @@ def plan_union(topk: torch.Tensor, block_table: torch.Tensor, token_to_req: torc
 
 
 @triton.jit
-def _union_step(acc, m_i, l_i, q, pos, row_token, e, entry, page_ptr, block_ptr, bits_ptr,
+def _union_step(acc, m_i, l_i, seen, q, pos, row_token, e, entry, page_ptr, block_ptr, bits_ptr,
                 head_base, k_scale_ptr, v_scale_ptr, num_blocks, offs_n, offs_d, stride_blk,
                 stride_tok, stride_kv, ks_slot, vs_slot, row_scale,
                 BLOCK_SIZE: tl.constexpr, HAS_K_SCALE: tl.constexpr,
                 HAS_V_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Attend union entry e of the tile: each row masked to its token's choice and position."""
+    """Attend union entry e of the tile: each row masked to its token's choice and position;
+    `seen` [rows] records the rows that attended a key. Rows attend different keys of the
+    block, so V is scrubbed of non-finite values (`_attend_block`'s SCRUB_V)."""
     page = tl.load(page_ptr + entry + e)
     block = tl.load(block_ptr + entry + e)
     # The plan validated the page; a page outside the cache is read by no row.
@@ -148,13 +150,15 @@ def _union_step(acc, m_i, l_i, q, pos, row_token, e, entry, page_ptr, block_ptr,
     bits = tl.where(inside, tl.load(bits_ptr + entry + e), 0)
     page = tl.where(inside, page, 0)
     chosen = ((bits >> row_token) & 1) != 0
-    # The last key each row attends in this block (-1: none).
+    # The last key each row attends in this block (-1: none; a chosen block holds key `pos`
+    # or older, so a chosen row attends at least one key).
     last = tl.where(chosen, pos - block * BLOCK_SIZE, -1)
-    return _attend_block(
+    acc, m_i, l_i = _attend_block(
         acc, m_i, l_i, q, head_base + page.to(tl.int64) * stride_blk, k_scale_ptr,
         v_scale_ptr, page, offs_n <= tl.max(last, 0), offs_n[None, :] <= last[:, None], offs_n,
         offs_d, stride_tok, stride_kv, ks_slot, vs_slot, row_scale, BLOCK_SIZE, HAS_K_SCALE,
-        HAS_V_SCALE, DOT_DTYPE)
+        HAS_V_SCALE, DOT_DTYPE, SCRUB_V=True)
+    return acc, m_i, l_i, seen | chosen
 
 
 @triton.jit
@@ -200,14 +204,15 @@ def _union_attn_kernel(
         m_i = tl.full([TILE_TOKENS * GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([TILE_TOKENS * GROUP_PAD], tl.float32)
         acc = tl.zeros([TILE_TOKENS * GROUP_PAD, HEAD_SIZE], tl.float32)
+        seen = tl.zeros([TILE_TOKENS * GROUP_PAD], tl.int1)
         union = tl.load(size_ptr + kv_head * stride_sg + tile)
         entry = kv_head.to(tl.int64) * stride_eg + tile.to(tl.int64) * stride_et
         head_base = cache_ptr + kv_head.to(tl.int64) * stride_head
         if DYNAMIC_LOOP:
             # Compiled: the loop runs over the union only, so its loads pipeline.
             for e in range(union):
-                acc, m_i, l_i = _union_step(
-                    acc, m_i, l_i, q, pos, row_token, e, entry, page_ptr, block_ptr, bits_ptr,
+                acc, m_i, l_i, seen = _union_step(
+                    acc, m_i, l_i, seen, q, pos, row_token, e, entry, page_ptr, block_ptr, bits_ptr,
                     head_base, k_scale_ptr + kv_head * ks_head, v_scale_ptr + kv_head * vs_head,
                     num_blocks, offs_n, offs_d, stride_blk, stride_tok, stride_kv, ks_slot,
                     vs_slot, row_scale, BLOCK_SIZE, HAS_K_SCALE, HAS_V_SCALE, DOT_DTYPE)
@@ -216,15 +221,15 @@ def _union_attn_kernel(
             # entries past the union.
             for e in range(ENTRIES):
                 if e < union:
-                    acc, m_i, l_i = _union_step(
-                        acc, m_i, l_i, q, pos, row_token, e, entry, page_ptr, block_ptr,
+                    acc, m_i, l_i, seen = _union_step(
+                        acc, m_i, l_i, seen, q, pos, row_token, e, entry, page_ptr, block_ptr,
                         bits_ptr, head_base, k_scale_ptr + kv_head * ks_head,
                         v_scale_ptr + kv_head * vs_head, num_blocks, offs_n, offs_d,
                         stride_blk, stride_tok, stride_kv, ks_slot, vs_slot, row_scale,
                         BLOCK_SIZE, HAS_K_SCALE, HAS_V_SCALE, DOT_DTYPE)
 
-        # No valid entry (l = 0, padding rows included): the output is zeros.
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        # No valid entry (padding rows included): zeros; a non-finite query: NaN.
+        out, _ = _finish_rows(acc, l_i, seen)
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh
                  + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
