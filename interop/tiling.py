@@ -125,3 +125,47 @@ class PrefillThresholds:
 
     def max_union(self, num_queries_per_kv: int, topk: int) -> int:
         return max_union(num_queries_per_kv, topk, self.union_share)
+
+
+# Lightning indexer (torch_sparse/indexer.py, jax_sparse/indexer.py). A scoring tile is
+# INDEX_TILE_ROWS rows of (token, index head) pairs of one request, heads padded to a power of
+# two: its tokens share every index-key page it loads (one [block_size, head] page per step),
+# so the rows amortize the page read. Each row keeps a running top-k of next_power_of_2(topk)
+# slots. Grids of fewer than INDEX_TARGET_PROGRAMS tiles (decode batches) split each row's
+# visible blocks into up to INDEX_MAX_SPLITS ranges of at least INDEX_MIN_SPLIT_BLOCKS blocks,
+# whose partial top-ks a merge combines.
+INDEX_TILE_ROWS = 64
+INDEX_TARGET_PROGRAMS = 264  # two waves of an H100 / H200's 132 SMs
+INDEX_MAX_SPLITS = 64
+INDEX_MIN_SPLIT_BLOCKS = 4
+
+
+def index_tile_tokens(num_index_heads: int, max_query_len: int | None = None) -> int:
+    """Tokens per scoring tile: INDEX_TILE_ROWS rows of padded heads; for decode requests of
+    `max_query_len` tokens, that many (a power of two)."""
+    tokens = max(1, INDEX_TILE_ROWS // next_power_of_2(num_index_heads))
+    if max_query_len is not None:
+        tokens = min(tokens, next_power_of_2(max_query_len))
+    return tokens
+
+
+def index_tile_rows(num_index_heads: int, tile_tokens: int) -> int:
+    """Rows of a scoring tile: tokens x padded heads, at least MIN_ROWS (tensor-core dots)."""
+    return max(MIN_ROWS, tile_tokens * next_power_of_2(num_index_heads))
+
+
+def index_num_splits(num_tiles: int, max_blocks: int) -> int:
+    """Block ranges per tile, from static shapes only (a CUDA graph / jit sees one value): a
+    power of two that brings the grid towards INDEX_TARGET_PROGRAMS, each range holding at
+    least INDEX_MIN_SPLIT_BLOCKS of the block table's `max_blocks` columns."""
+    splits = 1
+    while (splits * 2 <= INDEX_MAX_SPLITS and num_tiles * splits * 2 <= INDEX_TARGET_PROGRAMS
+           and max_blocks >= splits * 2 * INDEX_MIN_SPLIT_BLOCKS):
+        splits *= 2
+    return splits
+
+
+def index_max_tiles(num_tokens: int, num_reqs: int, tile_tokens: int) -> int:
+    """An upper bound on the scoring tiles of a batch (tiles never straddle requests): the
+    whole tiles of its tokens plus one partial tile per request (at least 1)."""
+    return max(1, cdiv(num_tokens, tile_tokens) + num_reqs)

@@ -8,8 +8,12 @@ from .frontend import (minimax_m3_sparse_attn, minimax_m3_sparse_attn_decode, sp
                        write_kv)
 from .ops import HAS_TRITON, IMPLS, INTERPRETED, default_impl
 
+if HAS_TRITON:
+    from .indexer import index_topk, write_index_k
+
 __all__ = [
     "HAS_TRITON", "IMPLS", "INTERPRETED", "MiniMaxM3SparseBackend", "MiniMaxM3SparseImpl",
-    "MiniMaxM3SparseMetadataBuilder", "allocate_kv_cache", "default_impl", "minimax_m3_sparse_attn",
-    "minimax_m3_sparse_attn_decode", "sparse_attention", "write_kv",
+    "MiniMaxM3SparseMetadataBuilder", "allocate_kv_cache", "default_impl", "index_topk",
+    "minimax_m3_sparse_attn", "minimax_m3_sparse_attn_decode", "sparse_attention",
+    "write_index_k", "write_kv",
 ]
