@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from torch_sparse import k2q  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# As tests/test_torch_sparse.py: 16-bit dot operands and the 16-bit partials stay well inside.
+# As tests/test_torch_token.py: 16-bit dot operands and the 16-bit partials stay well inside.
 TOL = 1e-2
 # (kv_cache_dtype, layout, scale_mode, query dtype)
 CACHES = [

@@ -14,7 +14,7 @@ import torch_sparse  # noqa: E402
 from torch_sparse import attention, dispatch, ops, union  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# As tests/test_torch_sparse.py: bf16/fp16 dot operands, FP8 values exact in 16 bits.
+# As tests/test_torch_token.py: bf16/fp16 dot operands, FP8 values exact in 16 bits.
 TOL = 1e-2
 # (kv_cache_dtype, layout, scale_mode, query dtype, (num_heads, num_kv_heads))
 CASES = [
@@ -293,6 +293,6 @@ def _compile_for_sm90():
 
 def test_union_kernel_uses_wgmma_on_sm90():
     """Compiled (not interpreted) in a child process: the kernel must be a JIT function."""
-    lines = run_without_interpreter("test_torch_prefill", "_compile_for_sm90")
+    lines = run_without_interpreter("test_torch_union", "_compile_for_sm90")
     for case in ("bf16", "fp8e4nv"):
         assert f"{case} wgmma=True" in lines, f"{case}: no wgmma in the sm_90 PTX: {lines}"

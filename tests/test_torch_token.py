@@ -187,7 +187,7 @@ def _compile_decode_for_sm90():
 def test_decode_merge_synchronises_on_sm90():
     """Compiled (not interpreted), in a child process: the split programs publish their
     partials with a CTA barrier and a gpu-scope acq_rel arrival counter, which is reset."""
-    lines = run_without_interpreter("test_torch_sparse", "_compile_decode_for_sm90")
+    lines = run_without_interpreter("test_torch_token", "_compile_decode_for_sm90")
     atomics = [line for line in lines if "atom." in line]
     assert any("atom.global.gpu.acq_rel.add" in line for line in atomics), lines
     assert any(".exch" in line for line in atomics), f"counter never reset: {atomics}"
