@@ -24,7 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax_sparse import dispatch, mosaic, mosaic_union  # noqa: E402
 
 from .test_jax_mosaic import ON_HOPPER, _kernel_args, needs_hopper, needs_plgpu  # noqa: E402
-from .test_jax_sparse import (_check, _device_reference, _garbage_topk, _problem,  # noqa: E402
+from .test_jax_token import (_check, _device_reference, _garbage_topk, _problem,  # noqa: E402
                               _reference, _run)
 
 
