@@ -109,8 +109,7 @@ def normalize(acc, m, l, attended):
 
 
 def _attend_block(carry, q, page, load_mask, mask, head, cache_ref, k_scale_ref, v_scale_ref, *,
-                  layout: str, block_size: int, score_scale: float, packed_dtype=None,
-                  row_masks: bool = False):
+                  layout: str, block_size: int, score_scale: float, packed_dtype=None):
     """One online-softmax step over one selected page: the step every kernel family shares.
 
     carry: (acc [rows, D] f32, m [rows] f32 running max (base 2), l [rows] f32 running sum).
@@ -119,8 +118,9 @@ def _attend_block(carry, q, page, load_mask, mask, head, cache_ref, k_scale_ref,
     load_mask: [block_size] keys of this page some row attends (the others are not read).
     mask: [rows or 1, block_size] keys each row attends (all False for an invalid entry);
     within load_mask.
-    row_masks: the rows' masks differ (a tile of tokens): non-finite V rows are kept away
-    from the rows that do not attend them (`drop_nonfinite`).
+    Where the rows' masks differ (a union tile), a non-finite V value of a key one row attends
+    also reaches the tile's other rows (0 * NaN); keys outside load_mask are never read
+    (README, "Bad input"; scrubbing V here cost the Triton-backend union 1.2x on the H200).
     """
     acc, m, l = carry
     # Keys no row attends (past the tokens, or of a masked page) may hold anything, NaN
@@ -138,16 +138,12 @@ def _attend_block(carry, q, page, load_mask, mask, head, cache_ref, k_scale_ref,
     if v_scale_ref is not None:
         p = p * _scale(v_scale_ref, head, slots)
     v = load_page(cache_ref, page, 1, head, layout, load_mask, packed_dtype).astype(q.dtype)
-    if row_masks:
-        v, bad = drop_nonfinite(v)
-        l = l + poison_rows(mask, bad)
     acc = alpha[:, None] * acc + plgpu.dot(p.astype(q.dtype), v)
     return acc, m_new, l
 
 
 def block_attender(q, head, cache_ref, k_scale_ref, v_scale_ref, *, layout: str,
-                   block_size: int, score_scale: float, fp16_compute: bool, packed_dtype=None,
-                   row_masks: bool = False):
+                   block_size: int, score_scale: float, fp16_compute: bool, packed_dtype=None):
     """(attend, init): `_attend_block` bound to the query rows q [rows, D] of KV head `head`
     (in float16 with per-row scales for an FP8 cache: `fp16_rows`), called as
     attend(carry, page=, load_mask=, mask=); and the empty online-softmax carry."""
@@ -158,7 +154,7 @@ def block_attender(q, head, cache_ref, k_scale_ref, v_scale_ref, *, layout: str,
     attend = functools.partial(_attend_block, q=q, head=head, cache_ref=cache_ref,
                                k_scale_ref=k_scale_ref, v_scale_ref=v_scale_ref, layout=layout,
                                block_size=block_size, score_scale=row_scale,
-                               packed_dtype=packed_dtype, row_masks=row_masks)
+                               packed_dtype=packed_dtype)
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
     return attend, init

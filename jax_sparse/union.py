@@ -178,7 +178,7 @@ def _union_kernel(first_ref, mask_ref, positions_ref, size_ref, page_ref, block_
         attend, init = block_attender(
             q, kv_head, cache_ref, k_scale_ref, v_scale_ref, layout=layout,
             block_size=block_size, score_scale=score_scale, fp16_compute=fp16_compute,
-            packed_dtype=packed_dtype, row_masks=True)
+            packed_dtype=packed_dtype)
         offsets = jnp.arange(block_size, dtype=jnp.int32)
 
         def body(e, carry):

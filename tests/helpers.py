@@ -216,3 +216,14 @@ def jax_run(problem, impl, **kw):
         problem.spec, jnp.asarray(problem.query), jnp.asarray(problem.kv_cache),
         jnp.asarray(problem.topk_indices), interop.to_jax(problem.metadata), k_scale=k_scale,
         v_scale=v_scale, implementation=impl, **kw)
+
+
+def tile_neighbours(bad_rows, group: int, tile: int):
+    """[tokens, heads] bool: rows of tokens within `tile` tokens of a row in bad_rows, in the
+    same KV head group. Where rows of a union tile attend different keys of a loaded page, a
+    non-finite V value one row attends reaches the tile's other rows (README, "Bad input")."""
+    near = np.zeros_like(bad_rows)
+    for t, h in np.argwhere(bad_rows):
+        g = h // group
+        near[max(0, t - tile + 1):t + tile, g * group:(g + 1) * group] = True
+    return near

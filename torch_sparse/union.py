@@ -141,8 +141,7 @@ def _union_step(acc, m_i, l_i, seen, q, pos, row_token, e, entry, page_ptr, bloc
                 BLOCK_SIZE: tl.constexpr, HAS_K_SCALE: tl.constexpr,
                 HAS_V_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """Attend union entry e of the tile: each row masked to its token's choice and position;
-    `seen` [rows] records the rows that attended a key. Rows attend different keys of the
-    block, so V is scrubbed of non-finite values (`_attend_block`'s SCRUB_V)."""
+    `seen` [rows] records the rows that attended a key."""
     page = tl.load(page_ptr + entry + e)
     block = tl.load(block_ptr + entry + e)
     # The plan validated the page; a page outside the cache is read by no row.
@@ -157,7 +156,7 @@ def _union_step(acc, m_i, l_i, seen, q, pos, row_token, e, entry, page_ptr, bloc
         acc, m_i, l_i, q, head_base + page.to(tl.int64) * stride_blk, k_scale_ptr,
         v_scale_ptr, page, offs_n <= tl.max(last, 0), offs_n[None, :] <= last[:, None], offs_n,
         offs_d, stride_tok, stride_kv, ks_slot, vs_slot, row_scale, BLOCK_SIZE, HAS_K_SCALE,
-        HAS_V_SCALE, DOT_DTYPE, SCRUB_V=True)
+        HAS_V_SCALE, DOT_DTYPE)
     return acc, m_i, l_i, seen | chosen
 
 
