@@ -11,8 +11,15 @@ shapes, so a CUDA graph can capture a decode.
 
 Safety: a top-k entry is followed only when it is a block the token may see, inside the
 block-table row, and its page lies inside the cache; every other entry is masked (its loads
-are predicated off), whatever value it holds. That rule has one home here, in Triton
-(`_visible_blocks`, `_entry_page`) and in PyTorch ops (`selected_pages`, for device-side plans).
+are predicated off), whatever value it holds. A repeated entry counts once, at its first
+occurrence in the row. That rule has one home here, in Triton (`_visible_blocks`,
+`_entry_page`, `_first_occurrences`) and in PyTorch ops (`selected_pages`, for device-side
+plans).
+
+Garbage in (contract 5): a row's "attended a key" is tracked apart from the softmax sum, so a
+non-finite query row that attends a key comes out NaN (and zeros when it attends none), and
+a split's NaN log-sum-exp makes the merged row NaN; keys a row does not attend never reach its
+output (`_finish_rows`, `_attend_block`'s SCRUB_V).
 
 Shared with the prefill paths (`union.py`, `k2q.py`): `_attend_block`, the online-softmax
 step over one block with a per-row key mask, and `_fp16_rows`, the FP8 query scaling. A
@@ -240,7 +247,8 @@ def _sparse_attn_kernel(
         ks_head, ks_slot, vs_head, vs_slot,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, CHUNK: tl.constexpr, DECODE_QUERY_LEN: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, CHUNK: tl.constexpr, DECODE_QUERY_LEN: tl.constexpr,
+        HAS_TOKEN_MASK: tl.constexpr,
         HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, FP16_COMPUTE: tl.constexpr,
         DOT_DTYPE: tl.constexpr):
     """Grid (num_tokens, num_kv_heads, NUM_SPLITS).

@@ -245,6 +245,12 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
     num_decode_tokens the decode rows. prefill_algorithm: the path of the prefill rows, one of
     interop.PREFILL_ALGORITHMS: "auto" (the dispatcher picks per tile), "token", "union" or
     "k2q" (`torch_sparse/dispatch.py`); decode rows always run on the token kernel.
+
+    Every path gives the same rows on garbage input (contract 5): a row with no valid entry
+    is zeros; a repeated entry counts once; a query row holding a NaN or an Inf that attends a
+    key is NaN, as is a row that attends a K or V slot holding a NaN; slots no row attends
+    never show. A JAX or NumPy array (or metadata flavour) is a TypeError naming the bridge
+    (`interop.to_torch`, `interop.kv_cache_to_torch`).
     """
     check_prefill_algorithm(prefill_algorithm)
     _check_spec(spec)
