@@ -6,9 +6,10 @@ running a kernel. Every op writes into a tensor it is given (declared in `mutate
 returns nothing, so it allocates no output and a CUDA graph can capture a decode step.
 
 `impl` picks the backend per call: "triton" (the kernels; compiled on CUDA, interpreted on a
-CPU when TRITON_INTERPRET=1) or "reference" (pure PyTorch, for machines without Triton).
-`prefill_algorithm` (a str) and `first_prefill_token` (an int) pick the kernels of a batch's
-prefill rows (`dispatch.py`); the reference ignores them.
+CPU when TRITON_INTERPRET=1) or "eager" (plain PyTorch ops, `eager.py`, for machines without
+Triton); "reference", its old name, is a deprecated alias. `prefill_algorithm` (a str) and
+`first_prefill_token` (an int) pick the kernels of a batch's prefill rows (`dispatch.py`); the
+eager path ignores them.
 
 Check mode: with the environment variable M3_SPARSE_CHECKS=1 (read at every call), write_kv
 checks its slots on a GPU too (`check_slots`), at the price of a host sync.
@@ -16,18 +17,21 @@ checks its slots on a GPU too (`check_slots`), at the price of a host sync.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
 
-from . import reference
+from . import eager
 
 try:
     from . import attention, cache, dispatch
-except ImportError:  # no Triton: only the reference path runs
+except ImportError:  # no Triton: only the eager path runs
     attention = cache = dispatch = None
 
-IMPLS = ("triton", "reference")
+IMPLS = ("triton", "eager")
+# Old impl names, still accepted with a DeprecationWarning.
+DEPRECATED_IMPLS = {"reference": "eager"}
 HAS_TRITON = attention is not None
 # Whether the Triton kernels run in Triton's interpreter (on CPU tensors). Triton reads
 # TRITON_INTERPRET when it defines the kernels, so this is fixed when torch_sparse is imported.
@@ -38,11 +42,11 @@ CHECKS_ENV = "M3_SPARSE_CHECKS"
 def default_impl(device: torch.device) -> str:
     """The path that runs on `device` when no impl is given: "triton" on a CUDA device, and on
     a CPU when the kernels run in Triton's interpreter (INTERPRETED: TRITON_INTERPRET=1 was set
-    before torch_sparse was imported); "reference" (pure PyTorch) everywhere else, and
+    before torch_sparse was imported); "eager" (plain PyTorch ops) everywhere else, and
     wherever Triton is not installed."""
     if HAS_TRITON and (device.type == "cuda" or INTERPRETED):
         return "triton"
-    return "reference"
+    return "eager"
 
 
 def check_impl(impl: str | None, device: torch.device) -> str:
@@ -50,17 +54,22 @@ def check_impl(impl: str | None, device: torch.device) -> str:
     cannot run there."""
     if impl is None:
         return default_impl(device)
+    if impl in DEPRECATED_IMPLS:
+        if not torch.compiler.is_compiling():  # dynamo cannot trace warnings.warn
+            warnings.warn(f"impl {impl!r} is deprecated; use {DEPRECATED_IMPLS[impl]!r}",
+                          DeprecationWarning, stacklevel=3)
+        impl = DEPRECATED_IMPLS[impl]
     if impl not in IMPLS:
         raise ValueError(f"impl {impl!r} is unknown; expected one of {IMPLS}")
     if impl == "triton" and not HAS_TRITON:
         raise ValueError("impl 'triton' needs Triton, which is not installed; use "
-                         "impl='reference'")
+                         "impl='eager'")
     if impl == "triton" and device.type != "cuda" and not INTERPRETED:
         late = (" (TRITON_INTERPRET is set now, but Triton reads it when torch_sparse is "
                 "imported)" if os.environ.get("TRITON_INTERPRET") == "1" else "")
         raise ValueError(f"impl 'triton' cannot run on {device}: the Triton kernels need a CUDA "
                          f"device or Triton's interpreter{late}; set TRITON_INTERPRET=1 before "
-                         "importing torch_sparse, or use impl='reference'")
+                         "importing torch_sparse, or use impl='eager'")
     return impl
 
 
@@ -95,10 +104,9 @@ def _sparse_attn(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
                 impl: str, prefill_algorithm: str = "auto", first_prefill_token: int = 0) -> None:
     """Sparse attention of tokens given by (token_to_req, token_positions) [num_tokens]; rows
     from first_prefill_token on are prefill tokens."""
-    if impl == "reference":
-        reference.sparse_attention_reference(query, kv_cache, topk, block_table, token_to_req,
-                                             token_positions, output, sm_scale, k_scale,
-                                             v_scale)
+    if impl != "triton":  # "eager" (or its old name, when the op is called directly)
+        eager.sparse_attention_eager(query, kv_cache, topk, block_table, token_to_req,
+                                     token_positions, output, sm_scale, k_scale, v_scale)
     else:
         dispatch.sparse_attention(query, kv_cache, topk, block_table, token_to_req,
                                   token_positions, output, sm_scale, k_scale=k_scale,
@@ -112,10 +120,10 @@ def _sparse_attn_decode(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch
                        k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
                        impl: str) -> None:
     """Sparse attention of a uniform decode batch: seq_lens [num_reqs], num_reqs * L tokens."""
-    if impl == "reference":
-        token_to_req, positions = reference.decode_token_map(seq_lens, decode_query_len)
-        reference.sparse_attention_reference(query, kv_cache, topk, block_table, token_to_req,
-                                             positions, output, sm_scale, k_scale, v_scale)
+    if impl != "triton":
+        token_to_req, positions = eager.decode_token_map(seq_lens, decode_query_len)
+        eager.sparse_attention_eager(query, kv_cache, topk, block_table, token_to_req,
+                                     positions, output, sm_scale, k_scale, v_scale)
     else:
         attention.launch_sparse_attention(query, kv_cache, topk, block_table, output, sm_scale,
                                           seq_lens=seq_lens, decode_query_len=decode_query_len,
@@ -132,9 +140,9 @@ def _write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     runs here, inside the op, so a torch.compile'd caller checks too.
     """
     check_slots(slot_mapping, kv_cache.shape[0] * kv_cache.shape[2])
-    if impl == "reference":
-        reference.write_kv_reference(kv_cache, key, value, slot_mapping, fp8_max=fp8_max,
-                                     k_scale=k_scale, v_scale=v_scale)
+    if impl != "triton":
+        eager.write_kv_eager(kv_cache, key, value, slot_mapping, fp8_max=fp8_max,
+                             k_scale=k_scale, v_scale=v_scale)
     else:
         cache.launch_write_kv(kv_cache, key, value, slot_mapping, fp8_max=fp8_max,
                               k_scale=k_scale, v_scale=v_scale)

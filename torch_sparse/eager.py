@@ -1,4 +1,5 @@
-"""The pure-PyTorch path: the same operations as the Triton kernels, for machines without Triton.
+"""The eager path (impl="eager"): the same operations as the Triton kernels in plain PyTorch
+ops, for machines without Triton (and without its interpreter).
 
 Same inputs, same masking rules (an entry counts when it is a block the token may see, inside
 the block-table row, on a page inside the cache, and not a repeat of an earlier entry of its
@@ -47,11 +48,11 @@ def _slot_scale(scale: torch.Tensor | None, kv_head: int, slots: torch.Tensor) -
     return scale.reshape(()).float()
 
 
-def sparse_attention_reference(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
-                               block_table: torch.Tensor, token_to_req: torch.Tensor,
-                               token_positions: torch.Tensor, output: torch.Tensor,
-                               sm_scale: float, k_scale: torch.Tensor | None = None,
-                               v_scale: torch.Tensor | None = None) -> None:
+def sparse_attention_eager(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
+                           block_table: torch.Tensor, token_to_req: torch.Tensor,
+                           token_positions: torch.Tensor, output: torch.Tensor,
+                           sm_scale: float, k_scale: torch.Tensor | None = None,
+                           v_scale: torch.Tensor | None = None) -> None:
     """Writes `output` in place; arguments as in `attention.launch_sparse_attention`."""
     num_tokens, num_heads, head_size = query.shape
     num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
@@ -101,10 +102,10 @@ def sparse_attention_reference(query: torch.Tensor, kv_cache: torch.Tensor, topk
             output[t0:t1, g * group:(g + 1) * group] = out.to(output.dtype)
 
 
-def write_kv_reference(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                       slot_mapping: torch.Tensor, *, fp8_max: float = 0.0,
-                       k_scale: torch.Tensor | None = None,
-                       v_scale: torch.Tensor | None = None) -> None:
+def write_kv_eager(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   slot_mapping: torch.Tensor, *, fp8_max: float = 0.0,
+                   k_scale: torch.Tensor | None = None,
+                   v_scale: torch.Tensor | None = None) -> None:
     """In-place cache update; arguments as in `cache.launch_write_kv`."""
     num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
     slots = slot_mapping[:key.shape[0]].long()
