@@ -12,9 +12,9 @@ shapes, so a CUDA graph can capture a decode.
 Safety: a top-k entry is followed only when it is a block the token may see, inside the
 block-table row, and its page lies inside the cache; every other entry is masked (its loads
 are predicated off), whatever value it holds. A repeated entry counts once, at its first
-occurrence in the row. That rule has one home here, in Triton (`_visible_blocks`,
-`_entry_page`, `_first_occurrences`) and in PyTorch ops (`selected_pages`, for device-side
-plans).
+occurrence in the row. That rule has two homes, one per language: here in Triton
+(`_visible_blocks`, `_entry_page`, `_first_occurrences`) and in PyTorch ops in
+`selection.py` (the device-side plans and the eager path).
 
 Garbage in (contract 5): a row's "attended a key" is tracked apart from the softmax sum, so a
 non-finite query row that attends a key comes out NaN (and zeros when it attends none), and
@@ -46,37 +46,6 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Split-K arrival counters, one int32 per (token, KV head), per (device, stream); see
 # `_arrival_counters`.
 _COUNTERS: dict = {}
-
-
-def selected_pages(topk: torch.Tensor, block_table: torch.Tensor, token_to_req: torch.Tensor,
-                   token_positions: torch.Tensor, num_blocks: int, block_size: int,
-                   token_mask: torch.Tensor | None = None):
-    """The entry-validation rule in PyTorch ops (the kernels' `_visible_blocks` + `_entry_page`).
-
-    topk: [num_kv_heads, n, topk] logical blocks of tokens with token_to_req / token_positions
-    [n]; block_table: [num_reqs, max_blocks]; token_mask: optional bool [n] (False: the token
-    selects nothing). Returns (valid, block, page), each [num_kv_heads, n, topk]: valid (bool)
-    when the token is live (position >= 0, request in range), 0 <= block <= position //
-    block_size, block < max_blocks, its page lies in [0, num_blocks) and no earlier entry of
-    the row holds the same block (a repeat counts once); block and page are int64, 0 where
-    invalid.
-    """
-    num_reqs, max_blocks = block_table.shape
-    req = token_to_req.long()
-    pos = token_positions.long()
-    live = (pos >= 0) & (req >= 0) & (req < num_reqs)
-    if token_mask is not None:
-        live &= token_mask
-    limit = torch.where(live, torch.clamp(pos // block_size + 1, max=max_blocks), 0)
-    block = topk.long()
-    width = block.shape[-1]
-    earlier = torch.ones(width, width, dtype=torch.bool, device=block.device).tril(-1)
-    repeat = ((block[..., :, None] == block[..., None, :]) & earlier).any(-1)
-    valid = (block >= 0) & (block < limit[None, :, None]) & ~repeat
-    block = torch.where(valid, block, 0)
-    page = block_table[torch.where(live, req, 0)[None, :, None], block].long()
-    valid &= (page >= 0) & (page < num_blocks)
-    return valid, block, torch.where(valid, page, 0)
 
 
 @triton.jit

@@ -1,9 +1,9 @@
 """The eager path (impl="eager"): the same operations as the Triton kernels in plain PyTorch
 ops, for machines without Triton (and without its interpreter).
 
-Same inputs, same masking rules (an entry counts when it is a block the token may see, inside
-the block-table row, on a page inside the cache, and not a repeat of an earlier entry of its
-row), the same garbage-in rules (contract 5: a non-finite query row that attends a key gives
+Same inputs, same masking rules (`selection.selected_pages`: an entry counts when it is a block
+the token may see, inside the block-table row, on a page inside the cache, and not a repeat of
+an earlier entry of its row), the same garbage-in rules (contract 5: a non-finite query row that attends a key gives
 NaN; a key no row attends never shows; write_kv never writes a slot outside the cache),
 computed in float32 with gathers. It is meant for correctness, not speed.
 """
@@ -11,33 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from .selection import selected_pages
+
 # Tokens per gather: bounds the [tokens, topk * block_size, head_size] working set.
 TOKEN_CHUNK = 64
-
-
-def decode_token_map(seq_lens: torch.Tensor, decode_query_len: int):
-    """(token_to_req, token_positions) of a uniform decode batch: query j of request r is
-    token r * L + j at position seq_lens[r] - L + j."""
-    num_tokens = seq_lens.shape[0] * decode_query_len
-    tokens = torch.arange(num_tokens, device=seq_lens.device)
-    req = tokens // decode_query_len
-    return req, seq_lens.long()[req] - decode_query_len + tokens % decode_query_len
-
-
-def prefill_token_map(cu_seqlens_q: torch.Tensor, prefix_lens: torch.Tensor, num_tokens: int):
-    """(token_to_req, token_positions) of a prefill batch: token t of request r (cu_seqlens_q[r]
-    <= t < cu_seqlens_q[r + 1]) sits at prefix_lens[r] + t - cu_seqlens_q[r]; tokens past the
-    last request are padding (position -1)."""
-    num_reqs = prefix_lens.shape[0]
-    tokens = torch.arange(num_tokens, device=prefix_lens.device)
-    if num_reqs == 0:
-        return torch.zeros_like(tokens), torch.full_like(tokens, -1)
-    starts = cu_seqlens_q.long()
-    req = torch.searchsorted(starts[1:], tokens, right=True)
-    live = req < num_reqs
-    req = req.clamp(max=num_reqs - 1)
-    positions = prefix_lens.long()[req] + tokens - starts[req]
-    return req, torch.where(live, positions, -1)
 
 
 def _slot_scale(scale: torch.Tensor | None, kv_head: int, slots: torch.Tensor) -> torch.Tensor:
@@ -56,24 +33,11 @@ def sparse_attention_eager(query: torch.Tensor, kv_cache: torch.Tensor, topk: to
     """Writes `output` in place; arguments as in `attention.launch_sparse_attention`."""
     num_tokens, num_heads, head_size = query.shape
     num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
-    num_reqs, max_blocks = block_table.shape
     group = num_heads // num_kv_heads
     pos = token_positions[:num_tokens].long()
-    req = token_to_req[:num_tokens].long()
-    live = (pos >= 0) & (req >= 0) & (req < num_reqs)
-    req = torch.where(live, req, 0)
-    limit = torch.where(live, torch.div(pos, block_size, rounding_mode="floor") + 1, 0)
-    limit = limit.clamp(max=max_blocks)
-    blocks = topk[:, :num_tokens].long()
-    # A repeated entry counts once (its first occurrence).
-    width = blocks.shape[-1]
-    earlier = torch.ones(width, width, dtype=torch.bool, device=blocks.device).tril(-1)
-    repeat = ((blocks[..., :, None] == blocks[..., None, :]) & earlier).any(-1)
-    valid = (blocks >= 0) & (blocks < limit[None, :, None]) & ~repeat
-    blocks = torch.where(valid, blocks, 0)
-    pages = block_table.long()[req[None, :, None].expand_as(blocks), blocks]
-    valid &= (pages >= 0) & (pages < num_blocks)
-    pages = torch.where(valid, pages, 0)
+    valid, blocks, pages = selected_pages(topk[:, :num_tokens], block_table,
+                                          token_to_req[:num_tokens], pos, num_blocks,
+                                          block_size)
     offs = torch.arange(block_size, device=query.device)
 
     for t0 in range(0, num_tokens, TOKEN_CHUNK):

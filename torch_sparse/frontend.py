@@ -14,7 +14,7 @@ from interop import (CACHE_DTYPES, FP8_MAX, QUERY_DTYPES, SUPPORTED_BLOCK_SIZES,
                      check_prefill_algorithm)
 
 from . import ops
-from .eager import prefill_token_map
+from .selection import prefill_token_map
 
 _QUERY_DTYPES = tuple(getattr(torch, name) for name in QUERY_DTYPES)
 _CACHE_DTYPES = tuple({getattr(torch, name) for name in CACHE_DTYPES.values() if name})

@@ -37,7 +37,8 @@ import triton
 import triton.language as tl
 
 from .attention import (_TL_DTYPES, INTERPRETED, LOG2_E, _entry_page, _fp16_rows, _scale_args,
-                        _visible_blocks, selected_pages)
+                        _visible_blocks)
+from .selection import selected_pages
 
 # Query rows per tile: wgmma needs 64 rows per warpgroup (4 warps).
 TILE_ROWS = 64

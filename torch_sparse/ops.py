@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from . import eager
+from . import eager, selection
 
 try:
     from . import attention, cache, dispatch
@@ -121,7 +121,7 @@ def _sparse_attn_decode(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch
                        impl: str) -> None:
     """Sparse attention of a uniform decode batch: seq_lens [num_reqs], num_reqs * L tokens."""
     if impl != "triton":
-        token_to_req, positions = eager.decode_token_map(seq_lens, decode_query_len)
+        token_to_req, positions = selection.decode_token_map(seq_lens, decode_query_len)
         eager.sparse_attention_eager(query, kv_cache, topk, block_table, token_to_req,
                                      positions, output, sm_scale, k_scale, v_scale)
     else:

@@ -9,7 +9,7 @@ its position (FlashInfer's `sparse_fwd_union` idea):
 
 1. `plan_union` (PyTorch ops on the device, no host sync): per (KV head, tile), the distinct
    valid selected blocks, their page, and for each the bitmask of the tile's tokens that chose
-   it; plus the union sizes. Entry validity is `attention.selected_pages` (the token kernel's
+   it; plus the union sizes. Entry validity is `selection.selected_pages` (the token kernel's
    rule), so every page the kernel reads lies inside the cache whatever top-k holds.
 2. `_union_attn_kernel`, one program per (tile, KV head): online softmax in fp32 (base 2) over
    the union's blocks through the shared `attention._attend_block`, output written directly.
@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from .attention import (_TL_DTYPES, INTERPRETED, LOG2_E, _attend_block, _finish_rows, _fp16_rows,
-                        _scale_args, selected_pages)
+                        _scale_args)
+from .selection import selected_pages
 
 # Query rows a tile aims for (tokens x padded GQA group): wgmma takes 64 rows per warpgroup.
 TILE_ROWS = 128
