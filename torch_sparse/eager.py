@@ -3,9 +3,9 @@ ops, for machines without Triton (and without its interpreter).
 
 Same inputs, same masking rules (`selection.selected_pages`: an entry counts when it is a block
 the token may see, inside the block-table row, on a page inside the cache, and not a repeat of
-an earlier entry of its row), the same garbage-in rules (contract 5: a non-finite query row that attends a key gives
-NaN; a key no row attends never shows; write_kv never writes a slot outside the cache),
-computed in float32 with gathers. It is meant for correctness, not speed.
+an earlier entry of its row), the same garbage-in rules (contract 5: a non-finite query row
+that attends a key gives NaN; a key no row attends never shows; write_kv never writes a slot
+outside the cache), computed in float32 with gathers. It is meant for correctness, not speed.
 """
 from __future__ import annotations
 

@@ -50,8 +50,8 @@ def first_occurrences(topk: torch.Tensor) -> torch.Tensor:
 def selected_pages(topk: torch.Tensor, block_table: torch.Tensor, token_to_req: torch.Tensor,
                    token_positions: torch.Tensor, num_blocks: int, block_size: int,
                    token_mask: torch.Tensor | None = None):
-    """Which top-k entries a token attends, and their pages (the kernels' `_visible_blocks`,
-    `_entry_page` and `_first_occurrences`).
+    """Which top-k entries a token attends, and their pages (in the kernels:
+    `triton_common.visible_blocks`, `triton_common.entry_page`, `attention._first_occurrences`).
 
     topk: [num_kv_heads, n, topk] logical blocks of tokens with token_to_req / token_positions
     [n]; block_table: [num_reqs, max_blocks]; token_mask: optional bool [n] (False: the token
