@@ -65,7 +65,7 @@ def _every_path(problem, monkeypatch, paths=PATHS):
         out = torch.full_like(t["query"], float("nan"))
         torch_sparse.sparse_attention(problem.spec, t["query"], t["kv_cache"], t["topk"],
                                       t["metadata"], out, k_scale=t["k_scale"],
-                                      v_scale=t["v_scale"], impl=impl,
+                                      v_scale=t["v_scale"], implementation=impl,
                                       prefill_algorithm=algorithm)
         outs[f"{impl}/{algorithm}"] = out.double().cpu().numpy()
     md = t["metadata"]
@@ -75,7 +75,7 @@ def _every_path(problem, monkeypatch, paths=PATHS):
         torch_sparse.minimax_m3_sparse_attn_decode(
             t["query"][:nd], t["kv_cache"], t["topk"][:, :nd], md.decode.block_table,
             md.decode.seq_lens, problem.spec.num_kv_heads, problem.spec.scale, out,
-            md.decode_query_len, t["k_scale"], t["v_scale"], impl=impl)
+            md.decode_query_len, t["k_scale"], t["v_scale"], implementation=impl)
         outs[f"{impl}/seed decode"] = out.double().cpu().numpy()
     return outs
 
@@ -225,7 +225,7 @@ def test_write_kv_slot_past_the_cache_raises_before_writing(rng, impl):
     slots[9] = num_slots
     before = kv_cache.clone()
     with pytest.raises(ValueError, match=rf"slot_mapping\[4\] = {num_slots + 7}.*token 4"):
-        torch_sparse.write_kv(kv_cache, key, value, slots, spec, impl=impl)
+        torch_sparse.write_kv(kv_cache, key, value, slots, spec, implementation=impl)
     assert torch.equal(kv_cache, before), f"{impl}: a failed write_kv changed the cache"
 
 
@@ -243,10 +243,10 @@ def test_write_kv_padding_and_slot_mapping_length(rng, impl):
         if slot >= 0:
             expected[slot // block_size, 0, slot % block_size] = key[t]
             expected[slot // block_size, 1, slot % block_size] = value[t]
-    torch_sparse.write_kv(kv_cache, key, value, padded, spec, impl=impl)
+    torch_sparse.write_kv(kv_cache, key, value, padded, spec, implementation=impl)
     assert torch.equal(kv_cache, expected), f"{impl}: padding or extra slots were written"
     with pytest.raises(ValueError, match="slot_mapping has 14 entries"):
-        torch_sparse.write_kv(kv_cache, key, value, slots[:14], spec, impl=impl)
+        torch_sparse.write_kv(kv_cache, key, value, slots[:14], spec, implementation=impl)
 
 
 @pytest.mark.parametrize("writer", ["triton kernel", "eager"])
@@ -296,25 +296,36 @@ def test_interpreted_flag_and_impl_without_a_gpu(rng, monkeypatch):
     if DEVICE == "cuda":
         return
     assert torch_sparse.INTERPRETED, "tests/conftest.py sets TRITON_INTERPRET=1 on a CPU"
-    assert torch_sparse.default_impl(torch.device("cpu")) == "triton"
+    assert torch_sparse.default_implementation("cpu") == "triton"
     monkeypatch.setattr(ops, "INTERPRETED", False)  # as if imported without TRITON_INTERPRET
-    assert torch_sparse.default_impl(torch.device("cpu")) == "eager"
+    assert torch_sparse.default_implementation("cpu") == "eager"
     problem = _problem(rng)
     t = _tensors(problem)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1 before importing torch_sparse.*"
-                                         "impl='eager'"):
+                                         "implementation='eager'"):
         torch_sparse.sparse_attention(problem.spec, t["query"], t["kv_cache"], t["topk"],
-                                      t["metadata"], impl="triton")
+                                      t["metadata"], implementation="triton")
 
 
-def test_reference_is_a_deprecated_name_of_eager(rng):
+def test_deprecated_names(rng):
+    """The old vocabulary still works, with a DeprecationWarning: impl= (now implementation=),
+    the implementation name "reference" (now "eager"), IMPLS and default_impl()."""
     problem = _problem(rng)
     t = _tensors(problem)
     args = (problem.spec, t["query"], t["kv_cache"], t["topk"], t["metadata"])
-    expected = torch_sparse.sparse_attention(*args, impl="eager")
+    expected = torch_sparse.sparse_attention(*args, implementation="eager")
     with pytest.warns(DeprecationWarning, match="'eager'"):
-        out = torch_sparse.sparse_attention(*args, impl="reference")
+        out = torch_sparse.sparse_attention(*args, implementation="reference")
     assert torch.equal(out, expected)
+    with pytest.warns(DeprecationWarning, match="implementation="):
+        out = torch_sparse.sparse_attention(*args, impl="eager")
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="disagree"), pytest.warns(DeprecationWarning):
+        torch_sparse.sparse_attention(*args, implementation="triton", impl="eager")
+    with pytest.warns(DeprecationWarning, match="IMPLEMENTATIONS"):
+        assert torch_sparse.IMPLS == torch_sparse.IMPLEMENTATIONS == ("triton", "eager")
+    with pytest.warns(DeprecationWarning, match="default_implementation"):
+        assert torch_sparse.default_impl("cpu") == torch_sparse.default_implementation("cpu")
 
 
 # --- R7: type mistakes and the other framework's arrays ---------------------------------------

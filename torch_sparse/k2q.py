@@ -68,7 +68,7 @@ class K2QPlan(NamedTuple):
       pair_key: [E] int64, kv_head * num_blocks + page of each pair (runs of equal keys are the
         segments).
       pair_token: [E] int32, the pair's token (absolute row of query / output).
-      pair_slot: [E] int32, the pair's column k in the token's top-k row.
+      pair_column: [E] int32, the pair's column k in the token's top-k row.
       pair_limit: [E] int32, position - block * block_size: the last key offset of the block the
         token may see (>= 0 for a valid pair).
       item_start: [max_items] int32, the first pair of each work item (a run of up to
@@ -78,7 +78,7 @@ class K2QPlan(NamedTuple):
 
     pair_key: torch.Tensor
     pair_token: torch.Tensor
-    pair_slot: torch.Tensor
+    pair_column: torch.Tensor
     pair_limit: torch.Tensor
     item_start: torch.Tensor
 
@@ -342,7 +342,7 @@ def launch_k2q(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
                         token_mask=token_mask, pairs_per_item=pairs * TILES_PER_ITEM)
         if plan.item_start.shape[0]:  # 0 when no page can be valid (an empty cache or table)
             _k2q_block_kernel[(plan.item_start.shape[0],)](
-                query, kv_cache, plan.pair_key, plan.pair_token, plan.pair_slot, plan.pair_limit,
+                query, kv_cache, plan.pair_key, plan.pair_token, plan.pair_column, plan.pair_limit,
                 plan.item_start, part, lse, ks, vs,
                 plan.pair_key.shape[0], num_blocks, start, sm_scale * LOG2_E,
                 query.stride(0), query.stride(1),
