@@ -1,4 +1,4 @@
-"""Measurements behind the tuning notes (issue 6): what limits each path.
+"""Measurements behind the tuning notes: what limits each path.
 
     python benchmarks/explore.py [sweep] [fp8] [prefill]   # default: all three
     python benchmarks/explore.py ncu      # one prefill launch of each path (run under ncu)
@@ -12,18 +12,14 @@
 """
 from __future__ import annotations
 
-import functools
-import os
 import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench  # noqa: E402  (sets up sys.path and the JAX allocator)
+from harness import Case, graph_warm_ms, jax_call_ms, torch_cold_ms  # first: the environment
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import triton  # noqa: E402
 
 import interop  # noqa: E402
 
@@ -55,19 +51,17 @@ def jax_loop_ms(f, q, *rest, n=10, reps=5):
 
 def jax_decode_sweep(rng):
     """JAX decode: device time per call for splits x warps, against PyTorch's graph replay."""
-    import jax_sparse
     cases = [("auto", 64, 4, 1, (8, 16)), ("auto", 64, 4, 16, (1, 2, 4)),
              ("auto", 64, 4, 64, (1, 2)), ("auto", 16, 1, 64, (1, 2, 4)),
              ("fp8_e4m3", 64, 4, 16, (1, 2, 4)), ("fp8_e4m3", 64, 4, 64, (1, 2))]
     for cd, nh, nkv, b, splits_list in cases:
         spec = interop.SparseAttentionSpec(nh, nkv, kv_cache_dtype=cd)
-        case = bench.Case(spec, [1] * b, [32768] * b, rng)
-        graph = triton.testing.do_bench_cudagraph(case.torch_fn(), return_mode="median")
+        case = Case(spec, [1] * b, [32768] * b, rng)
+        graph = graph_warm_ms(case.torch_fn())
         res = []
         for splits in (None, *splits_list):
             for w in ((None,) if splits is None else (4, 8)):
-                f = functools.partial(jax_sparse.sparse_attention, spec, num_splits=splits,
-                                      num_warps=w)
+                f = case.jax_op(num_splits=splits, num_warps=w)
                 t = jax_loop_ms(f, case.j_q, case.j_cache, case.j_topk, case.j_md)
                 res.append(f"s{splits or 'default'}w{w or ''} {t*1e3:.1f}")
         print(f"decode {nh}/{nkv} {cd} b{b}: torch graph {graph*1e3:.1f} us "
@@ -79,15 +73,13 @@ def jax_decode_sweep(rng):
 
 def fp8_rows(rng):
     """FP8 against bf16 decode (64/4), both paths: torch graph replay, JAX in-jit."""
-    import jax_sparse
     for b in (64, 256):
         times = {}
         for cd in ("auto", "fp8_e4m3"):
             spec = interop.SparseAttentionSpec(64, 4, kv_cache_dtype=cd)
-            case = bench.Case(spec, [1] * b, [32768] * b, rng)
-            tt = triton.testing.do_bench_cudagraph(case.torch_fn(), return_mode="median")
-            tj = jax_loop_ms(functools.partial(jax_sparse.sparse_attention, spec), case.j_q,
-                             case.j_cache, case.j_topk, case.j_md)
+            case = Case(spec, [1] * b, [32768] * b, rng)
+            tt = graph_warm_ms(case.torch_fn())
+            tj = jax_loop_ms(case.jax_op(), case.j_q, case.j_cache, case.j_topk, case.j_md)
             times[cd] = (tt, tj)
             print(f"decode 64/4 {cd} b{b}: torch graph {tt*1e3:.0f} us, jax in-jit "
                   f"{tj*1e3:.0f} us, err {case.check():.1e}", flush=True)
@@ -101,10 +93,10 @@ def prefill_rows(rng):
     for nh, nkv in ((64, 4), (16, 1)):
         for cd in ("auto", "fp8_e4m3"):
             spec = interop.SparseAttentionSpec(nh, nkv, kv_cache_dtype=cd)
-            case = bench.Case(spec, [16384], [16384], rng, decode_query_len=16385)
+            case = Case(spec, [16384], [16384], rng, decode_query_len=16385)
             err = case.check()
-            tt = triton.testing.do_bench(case.torch_fn(), return_mode="median")
-            tj = bench.jax_median_ms(case.jax_fn(), iters=10)
+            tt = torch_cold_ms(case.torch_fn())
+            tj = jax_call_ms(case.jax_fn(), iters=10)
             print(f"prefill {nh}/{nkv} {cd} 16k: torch {tt:.2f} ms "
                   f"({case.flops/(tt*1e-3)/1e12:.0f} TFLOP/s), jax {tj:.2f} ms "
                   f"({case.flops/(tj*1e-3)/1e12:.0f}), err {err:.1e}", flush=True)
@@ -115,7 +107,7 @@ def prefill_rows(rng):
 def ncu_prefill(rng):
     """One launch of each path's prefill kernel (64/4, 16k tokens) for ncu to profile."""
     spec = interop.SparseAttentionSpec(64, 4)
-    case = bench.Case(spec, [16384], [16384], rng, decode_query_len=16385)
+    case = Case(spec, [16384], [16384], rng, decode_query_len=16385)
     case.check()  # one call of each path
     torch.cuda.synchronize()
 

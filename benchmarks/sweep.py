@@ -2,19 +2,15 @@
 
     python benchmarks/sweep.py > sweep.log
 
-Uses bench.Case (same data for both paths); prints one line per variant.
+Uses harness.Case (same data for both paths); prints one line per variant.
 """
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench  # noqa: E402  (sets up sys.path and the JAX allocator)
+from harness import (Case, graph_warm_ms, jax_call_ms, jax_steady_ms,  # first: the environment
+                     torch_cold_ms)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import triton  # noqa: E402
 
 import interop  # noqa: E402
 
@@ -22,8 +18,6 @@ VARIANTS = [(4, 2), (4, 3), (8, 2), (8, 3)]
 
 
 def sweep(case, label, splits_list=(None,)):
-    import jax_sparse
-    import torch_sparse
     from torch_sparse.attention import launch_sparse_attention
     spec, md = case.spec, case.t_md
     unit = case.kv_bytes / 1e12 if case.md.num_decodes else case.flops / 1e15
@@ -36,16 +30,14 @@ def sweep(case, label, splits_list=(None,)):
                                         token_positions=md.token_positions, num_splits=splits,
                                         num_warps=w, num_stages=s)
             try:
-                tt = triton.testing.do_bench_cudagraph(t_fn, return_mode="median")
+                tt = graph_warm_ms(t_fn)
             except Exception as e:  # a variant that does not compile (shared memory) is skipped
                 tt = float("nan")
                 print(f"  torch w{w} s{s}: {type(e).__name__}: {str(e)[:120]}")
-            f = jax_sparse.sparse_attention
-            j_fn = lambda: f(spec, case.j_q, case.j_cache, case.j_topk, case.j_md,  # noqa: E731
-                             num_warps=w, num_stages=s, num_splits=splits)
+            j_fn = case.jax_fn(num_warps=w, num_stages=s, num_splits=splits)
             try:
-                jt = bench.jax_median_ms(j_fn, iters=20)
-                jp = bench.jax_pipelined_ms(j_fn)
+                jt = jax_call_ms(j_fn, iters=20)
+                jp = jax_steady_ms(j_fn)
             except Exception as e:
                 jt = jp = float("nan")
                 print(f"  jax w{w} s{s}: {type(e).__name__}: {str(e)[:120]}")
@@ -56,14 +48,12 @@ def sweep(case, label, splits_list=(None,)):
 
 def eager_overhead(case):
     """Host cost of the front end: the public eager call against the bare launcher."""
-    import torch_sparse
     from torch_sparse.attention import launch_sparse_attention
     spec, md = case.spec, case.t_md
-    pub = triton.testing.do_bench(lambda: torch_sparse.sparse_attention(
-        spec, case.q, case.cache, case.topk, md, case.out), return_mode="median")
-    bare = triton.testing.do_bench(lambda: launch_sparse_attention(
+    pub = torch_cold_ms(case.torch_fn())
+    bare = torch_cold_ms(lambda: launch_sparse_attention(
         case.q, case.cache, case.topk, md.block_table, case.out, spec.scale,
-        token_to_req=md.token_to_req, token_positions=md.token_positions), return_mode="median")
+        token_to_req=md.token_to_req, token_positions=md.token_positions))
     print(f"eager b{case.md.num_decodes}: sparse_attention {pub*1e3:.0f} us, bare launcher "
           f"{bare*1e3:.0f} us", flush=True)
 
@@ -71,18 +61,18 @@ def eager_overhead(case):
 def main():
     rng = np.random.default_rng(0)
     spec = interop.SparseAttentionSpec(64, 4)
-    eager_overhead(bench.Case(spec, [1], [32768], rng))
+    eager_overhead(Case(spec, [1], [32768], rng))
     for cd, b in (("auto", 64), ("auto", 256), ("fp8_e4m3", 256)):
         spec = interop.SparseAttentionSpec(64, 4, kv_cache_dtype=cd)
-        case = bench.Case(spec, [1] * b, [32768] * b, rng)
+        case = Case(spec, [1] * b, [32768] * b, rng)
         sweep(case, f"decode 64/4 {cd} b{b}")
         del case
         torch.cuda.empty_cache()
     spec = interop.SparseAttentionSpec(64, 4)
-    case = bench.Case(spec, [1] * 16, [32768] * 16, rng)
+    case = Case(spec, [1] * 16, [32768] * 16, rng)
     sweep(case, "decode 64/4 auto b16", splits_list=(2, 4, 8))
     del case
-    case = bench.Case(spec, [16384], [16384], rng, decode_query_len=16385)
+    case = Case(spec, [16384], [16384], rng, decode_query_len=16385)
     sweep(case, "prefill 64/4 auto 16k")
 
 

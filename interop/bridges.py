@@ -25,6 +25,7 @@ Ownership and aliasing (zero-copy means both sides see one buffer):
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import numpy as np
 
@@ -39,6 +40,25 @@ _ML_DTYPE_NAMES = ("bfloat16", "float8_e4m3fn", "float8_e5m2")
 
 def _is_jax_array(x) -> bool:
     return type(x).__module__.split(".")[0] in ("jax", "jaxlib")
+
+
+# JAX arrays that alias a PyTorch tensor's storage (made by `to_jax` / `kv_cache_to_jax`), by
+# id, each with a weak reference that drops the entry when the array dies. JAX arrays are
+# weak-referenceable but unhashable, hence the id keys.
+_FROM_TORCH: dict[int, weakref.ref] = {}
+
+
+def _remember_torch_import(a) -> None:
+    key = id(a)
+    _FROM_TORCH[key] = weakref.ref(a, lambda _ref, key=key: _FROM_TORCH.pop(key, None))
+
+
+def imported_from_torch(x) -> bool:
+    """True when `x` is a JAX array that aliases a PyTorch tensor's storage (from `to_jax` or
+    `kv_cache_to_jax`). Such an array must not be donated to a JAX write: JAX would write into
+    a new buffer (or consume PyTorch's), and PyTorch would never see the write."""
+    ref = _FROM_TORCH.get(id(x))
+    return ref is not None and ref() is x
 
 
 def wait_for_writes(x) -> None:
@@ -98,6 +118,7 @@ def _array_to_torch(x, device, copy: bool):
 def _array_to_jax(x, device, copy: bool):
     import jax
     import jax.numpy as jnp
+    imported = None
     if _is_jax_array(x):
         a = x
     elif is_torch_tensor(x):
@@ -114,6 +135,7 @@ def _array_to_jax(x, device, copy: bool):
         except (BufferError, RuntimeError, TypeError) as err:
             raise TypeError(f"cannot share a PyTorch tensor of dtype {x.dtype} with JAX "
                             f"through DLPack: {err}") from err
+        imported = a
     elif isinstance(x, (np.ndarray, np.generic)):
         a = jnp.asarray(x)
     else:
@@ -127,6 +149,8 @@ def _array_to_jax(x, device, copy: bool):
             a = jnp.array(a, copy=True)
     elif copy:
         a = jnp.array(a, copy=True)
+    if a is imported:
+        _remember_torch_import(a)
     return a
 
 
@@ -193,7 +217,12 @@ def kv_cache_to_torch(kv_cache, spec: SparseAttentionSpec, *, copy: bool = False
 
 
 def allocate_torch_kv_cache(spec: SparseAttentionSpec, num_blocks: int, query_dtype, device=None):
-    """An uninitialised PyTorch cache: the logical view over physical `spec` layout storage."""
+    """A PyTorch cache of num_blocks pages: the logical view over storage in the spec's physical
+    layout (as vLLM allocates it), holding the storage dtype for queries of `query_dtype`.
+
+    Its memory is uninitialised, like `torch.empty`: write every slot a step may attend before
+    attending it (`jax_sparse.allocate_kv_cache` instead fills with zeros). Also exported as
+    `torch_sparse.allocate_kv_cache`."""
     import torch
     name = str(query_dtype).replace("torch.", "")
     dtype = getattr(torch, spec.cache_storage_dtype(name))

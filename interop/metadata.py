@@ -148,9 +148,79 @@ def _int_vector(name: str, values) -> np.ndarray:
     return arr
 
 
+def _check_pages(bt: np.ndarray, seq_lens: np.ndarray, block_size: int,
+                 num_blocks: int | None) -> np.ndarray:
+    """Check that each request's block-table row is wide enough for its sequence and that the
+    pages it uses are in [0, num_blocks) (non-negative when num_blocks is None); returns the
+    blocks each request needs."""
+    num_reqs, max_blocks = bt.shape
+    blocks_needed = -(-seq_lens // block_size)
+    if num_reqs and blocks_needed.max(initial=0) > max_blocks:
+        i = int(np.argmax(blocks_needed))
+        raise ValueError(f"request {i}: seq_lens[{i}] = {seq_lens[i]} needs {blocks_needed[i]} "
+                         f"blocks of {block_size} but block_table rows hold {max_blocks}")
+    used = np.arange(max_blocks)[None, :] < blocks_needed[:, None]
+    high = np.iinfo(np.int64).max if num_blocks is None else num_blocks
+    bad = used & ((bt < 0) | (bt >= high))
+    if bad.any():
+        r, b = (int(x) for x in np.argwhere(bad)[0])
+        where = "negative" if num_blocks is None else f"outside [0, {num_blocks}) (num_blocks)"
+        raise ValueError(f"block_table[{r}, {b}] = {bt[r, b]} is {where} for a block request "
+                         f"{r} uses")
+    return blocks_needed
+
+
+def _host(x) -> np.ndarray:
+    """A NumPy copy of any flavour's array (PyTorch tensors through .cpu())."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu()
+    return np.asarray(x)
+
+
+def validate_metadata(metadata: SparseMetadata, num_blocks: int, *,
+                      block_size: int = 128) -> SparseMetadata:
+    """Host-side check of a SparseMetadata (any flavour) against a cache of `num_blocks` pages.
+
+    Checks what the kernels trust without checking (they stay memory-safe, but the answer
+    would be wrong): each block-table row is wide enough for its sequence (a table narrowed
+    after `build_metadata` reads past its rows), every page a request uses lies in
+    [0, num_blocks), every non-negative slot lies in the cache, and the token arrays agree in
+    length. Raises ValueError naming the first bad entry; returns the metadata unchanged.
+    Copies the arrays to the host: call it when a batch is built, not per layer.
+    """
+    if not isinstance(num_blocks, (int, np.integer)) or num_blocks < 1:
+        raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
+    seq_lens = _host(metadata.seq_lens).astype(np.int64)
+    bt = _host(metadata.block_table)
+    if bt.ndim != 2 or bt.shape[0] != seq_lens.shape[0]:
+        raise ValueError(f"block_table shape {bt.shape} does not match: expected "
+                         f"[{seq_lens.shape[0]} requests, max_blocks]")
+    _check_pages(bt.astype(np.int64), seq_lens, block_size, int(num_blocks))
+    slots = _host(metadata.slot_mapping).astype(np.int64)
+    for name in ("token_to_req", "token_positions"):
+        n = _host(getattr(metadata, name)).shape[0]
+        if n != slots.shape[0]:
+            raise ValueError(f"{name} has {n} tokens but slot_mapping has {slots.shape[0]}")
+    bad = np.flatnonzero(slots >= int(num_blocks) * block_size)
+    if bad.size:
+        t = int(bad[0])
+        raise ValueError(f"slot_mapping[{t}] = {slots[t]} is past the cache "
+                         f"({num_blocks} blocks x {block_size} = {num_blocks * block_size} slots)")
+    counts = {f: int(_host(getattr(metadata, f))) for f in
+              ("num_decodes", "num_prefills", "num_actual_tokens")}
+    if counts["num_decodes"] + counts["num_prefills"] != seq_lens.shape[0]:
+        raise ValueError(f"num_decodes ({counts['num_decodes']}) + num_prefills "
+                         f"({counts['num_prefills']}) != {seq_lens.shape[0]} requests")
+    if counts["num_actual_tokens"] > slots.shape[0]:
+        raise ValueError(f"num_actual_tokens ({counts['num_actual_tokens']}) exceeds the "
+                         f"{slots.shape[0]} token rows")
+    return metadata
+
+
 def build_metadata(query_lens, seq_lens, block_table, *, decode_query_len: int = 1,
                    block_size: int = 128, num_blocks: int | None = None,
-                   num_tokens: int | None = None) -> SparseMetadata:
+                   num_tokens: int | None = None, num_reqs: int | None = None,
+                   max_blocks: int | None = None) -> SparseMetadata:
     """Build the NumPy metadata of a decode-first batch.
 
     Args:
@@ -163,6 +233,12 @@ def build_metadata(query_lens, seq_lens, block_table, *, decode_query_len: int =
       num_blocks: when given, the pages the sequences use must lie in [0, num_blocks).
       num_tokens: pad the token rows to this count (padding tokens write nothing and attend
         nothing); default: the sum of query_lens.
+      num_reqs: pad the requests to this count with empty requests (query and sequence length
+        0, block-table row of page 0). They hold no token and attend nothing; being after the
+        decodes they count in `num_prefills`. Default: len(query_lens).
+      max_blocks: pad the block table's width to this many columns (page 0); default: its
+        width. With num_tokens, num_reqs and max_blocks fixed, every batch has the same array
+        shapes, so a jitted JAX step compiles once.
     """
     if block_size not in SUPPORTED_BLOCK_SIZES:
         raise ValueError(f"block_size {block_size!r} is not supported; expected one of "
@@ -182,23 +258,19 @@ def build_metadata(query_lens, seq_lens, block_table, *, decode_query_len: int =
                          f"[{q.shape[0]} requests, max_blocks]")
     if bt.size and not np.issubdtype(bt.dtype, np.integer):
         raise ValueError(f"block_table must hold integers, got dtype {bt.dtype}")
+    if num_reqs is not None or max_blocks is not None:
+        rows = q.shape[0] if num_reqs is None else int(num_reqs)
+        cols = bt.shape[1] if max_blocks is None else int(max_blocks)
+        if rows < q.shape[0] or cols < bt.shape[1]:
+            raise ValueError(f"num_reqs / max_blocks ({rows}, {cols}) are smaller than the "
+                             f"batch's {q.shape[0]} requests / block_table width {bt.shape[1]}")
+        padded_bt = np.zeros((rows, cols), np.int64)
+        padded_bt[:bt.shape[0], :bt.shape[1]] = bt
+        bt = padded_bt
+        q = np.concatenate([q, np.zeros(rows - q.shape[0], np.int64)])
+        s = np.concatenate([s, np.zeros(rows - s.shape[0], np.int64)])
     num_reqs, max_blocks = bt.shape
-    blocks_needed = -(-s // block_size)
-    if num_reqs and blocks_needed.max(initial=0) > max_blocks:
-        i = int(np.argmax(blocks_needed))
-        raise ValueError(f"request {i}: seq_lens[{i}] = {s[i]} needs {blocks_needed[i]} blocks "
-                         f"of {block_size} but block_table rows hold {max_blocks}")
-    used = np.arange(max_blocks)[None, :] < blocks_needed[:, None]
-    if num_blocks is not None:
-        bad = used & ((bt < 0) | (bt >= num_blocks))
-        if bad.any():
-            r, b = (int(x) for x in np.argwhere(bad)[0])
-            raise ValueError(f"block_table[{r}, {b}] = {bt[r, b]} is outside [0, {num_blocks}) "
-                             f"(num_blocks) for a block request {r} uses")
-    elif (used & (bt < 0)).any():
-        r, b = (int(x) for x in np.argwhere(used & (bt < 0))[0])
-        raise ValueError(f"block_table[{r}, {b}] = {bt[r, b]} is negative for a block request "
-                         f"{r} uses")
+    blocks_needed = _check_pages(bt, s, block_size, num_blocks)
 
     # Decode-first split: the leading run of requests with query_len == decode_query_len.
     not_decode = np.flatnonzero(q != decode_query_len)

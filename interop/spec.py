@@ -117,8 +117,8 @@ class SparseAttentionSpec:
     def cache_storage_dtype(self, query_dtype: str) -> str:
         """Name of the dtype the cache holds for queries of `query_dtype` ("bfloat16"...)."""
         if query_dtype not in QUERY_DTYPES:
-            raise ValueError(f"query dtype {query_dtype!r} is not supported; expected one of "
-                             f"{_choices(QUERY_DTYPES)}")
+            raise TypeError(f"query dtype {query_dtype!r} is not supported; expected one of "
+                            f"{_choices(QUERY_DTYPES)}")
         return CACHE_DTYPES[self.kv_cache_dtype] or query_dtype
 
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:

@@ -8,8 +8,9 @@ import interop
 from .api import (IMPLEMENTATIONS, default_implementation, minimax_m3_sparse_attn,
                   minimax_m3_sparse_attn_decode, sparse_attention)
 from .attention import default_num_splits, paged_sparse_attention
-from .cache import write_kv
+from .cache import allocate_kv_cache, write_kv
 from .dispatch import sparse_attention_pallas
+from .indexer import INDEX_IMPLEMENTATIONS, index_topk, write_index_k
 from .k2q import paged_sparse_attention_k2q
 from .sharding import (kv_cache_sharding, pack_dp_metadata, sharded_sparse_attention,
                        sharded_write_kv)
@@ -19,10 +20,11 @@ from .xla import sparse_attention_xla
 interop.register_jax_pytrees()
 
 __all__ = [
-    "IMPLEMENTATIONS", "default_implementation", "default_num_splits", "kv_cache_sharding",
+    "IMPLEMENTATIONS", "INDEX_IMPLEMENTATIONS", "allocate_kv_cache", "default_implementation",
+    "default_num_splits", "index_topk", "kv_cache_sharding",
     "minimax_m3_sparse_attn",
     "minimax_m3_sparse_attn_decode", "paged_sparse_attention", "paged_sparse_attention_k2q",
     "paged_sparse_attention_union", "pack_dp_metadata", "plan_union", "sharded_sparse_attention",
     "sharded_write_kv", "sparse_attention", "sparse_attention_pallas", "sparse_attention_xla",
-    "write_kv",
+    "write_index_k", "write_kv",
 ]

@@ -7,7 +7,6 @@ Nothing here reads a traced value on the host.
 """
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +15,7 @@ from interop import (CACHE_DTYPES, KV_CACHE_STRIDE_ORDERS, SparseAttentionSpec, 
                      check_prefill_algorithm)
 
 from .dispatch import sparse_attention_pallas
-from .validation import check_attention_inputs, check_scale
+from .validation import check_attention_inputs, check_jax_flavour, check_metadata, check_scale
 from .xla import sparse_attention_xla
 
 IMPLEMENTATIONS = ("pallas", "mosaic", "tpu", "xla")
@@ -56,7 +55,7 @@ def _attention(spec, query, kv_cache, topk_indices, token_to_req, token_position
         return sparse_attention_tpu(*args, num_decode_tokens=num_decode_tokens,
                                     prefill_algorithm=prefill_algorithm)
     if implementation == "mosaic":
-        from .mosaic import sparse_attention_mosaic
+        from .dispatch import sparse_attention_mosaic
         return sparse_attention_mosaic(*args, num_decode_tokens=num_decode_tokens,
                                        prefill_algorithm=prefill_algorithm)
     if num_splits is not None and (num_splits < 1 or spec.topk_blocks % num_splits):
@@ -101,8 +100,15 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
       num_splits / num_warps / num_stages: the token kernel's knobs (splits of each top-k row;
         default from the static shapes).
     Returns: [num_tokens, num_heads, head_size] in the query dtype; zeros for tokens with no
-      valid entry and for padding tokens.
+      valid entry and for padding tokens. Garbage in (contract, section 5): a query row with a
+      NaN or Inf gives a NaN row when it attends a key (zeros when it attends none), a NaN in
+      an attended K or V slot a NaN row; a block listed twice in a row is attended once.
+    Raises: TypeError for a dtype mistake or a PyTorch tensor / metadata (naming the interop
+      bridge), ValueError for a shape or value mistake; at trace time, before any launch.
     """
+    check_jax_flavour(query=query, kv_cache=kv_cache, topk_indices=topk_indices,
+                      k_scale=k_scale, v_scale=v_scale)
+    check_metadata(metadata)
     return _attention_jit(spec, query, kv_cache, topk_indices, metadata.token_to_req,
                           metadata.token_positions, metadata.block_table, k_scale, v_scale,
                           metadata.num_decode_tokens, implementation=implementation,
@@ -128,7 +134,7 @@ def _seed_spec(q, kv_cache, topk_idx, num_kv_heads: int, sm_scale, layout: str):
     cache_dtype, query_dtype = jnp.dtype(kv_cache.dtype).name, jnp.dtype(q.dtype).name
     names = [n for n, storage in CACHE_DTYPES.items() if storage == cache_dtype]
     if cache_dtype != query_dtype and not names:
-        raise ValueError(f"kv_cache dtype {cache_dtype} is not a cache dtype; expected the "
+        raise TypeError(f"kv_cache dtype {cache_dtype} is not a cache dtype; expected the "
                          f"query dtype or one of {sorted({s for s in CACHE_DTYPES.values() if s})}")
     return SparseAttentionSpec(
         num_heads=q.shape[1], num_kv_heads=num_kv_heads, head_size=q.shape[2],
@@ -137,8 +143,26 @@ def _seed_spec(q, kv_cache, topk_idx, num_kv_heads: int, sm_scale, layout: str):
         kv_cache_layout=layout, sm_scale=sm_scale)
 
 
-@functools.partial(jax.jit, static_argnames=("num_kv_heads", "sm_scale", "kv_cache_layout",
-                                             "prefill_algorithm", *_KNOBS))
+def _seed_prefill(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq_lens, prefix_lens,
+                  num_kv_heads, sm_scale, k_scale, v_scale, *, kv_cache_layout, implementation,
+                  prefill_algorithm, num_splits, num_warps, num_stages):
+    spec = _seed_spec(q, kv_cache, topk_idx, num_kv_heads, sm_scale, kv_cache_layout)
+    num_reqs = seq_lens.shape[0]
+    tokens = jnp.arange(q.shape[0], dtype=jnp.int32)
+    starts = cu_seqlens_q.astype(jnp.int32)
+    req = jnp.clip(jnp.searchsorted(starts[1:], tokens, side="right"), 0, num_reqs - 1)
+    positions = prefix_lens[req] + tokens - starts[req]
+    positions = jnp.where((tokens < starts[-1]) & (positions < seq_lens[req]), positions, -1)
+    return _attention(spec, q, kv_cache, topk_idx, req, positions, block_table, k_scale,
+                      v_scale, 0, implementation=implementation,
+                      prefill_algorithm=prefill_algorithm, num_splits=num_splits,
+                      num_warps=num_warps, num_stages=num_stages)
+
+
+_seed_prefill_jit = jax.jit(_seed_prefill, static_argnames=(
+    "num_kv_heads", "sm_scale", "kv_cache_layout", "prefill_algorithm", *_KNOBS))
+
+
 def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq_lens,
                            prefix_lens, max_query_len, num_kv_heads: int, sm_scale: float,
                            k_scale=None, v_scale=None, *, kv_cache_layout: str = "NHD",
@@ -159,21 +183,43 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
       num_kv_heads, sm_scale: static.
     Other arguments as in `sparse_attention`.
     """
+    check_jax_flavour(q=q, kv_cache=kv_cache, topk_idx=topk_idx, block_table=block_table,
+                      cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens, prefix_lens=prefix_lens,
+                      k_scale=k_scale, v_scale=v_scale)
+    del max_query_len
+    return _seed_prefill_jit(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq_lens,
+                             prefix_lens, num_kv_heads, sm_scale, k_scale, v_scale,
+                             kv_cache_layout=kv_cache_layout, implementation=implementation,
+                             prefill_algorithm=prefill_algorithm, num_splits=num_splits,
+                             num_warps=num_warps, num_stages=num_stages)
+
+
+# jit's compile-cache probe, as on a jitted function (the no-recompile tests read it).
+minimax_m3_sparse_attn._cache_size = _seed_prefill_jit._cache_size
+
+
+def _seed_decode(q, kv_cache, topk_idx, block_table, seq_lens, num_kv_heads, sm_scale,
+                 decode_query_len, k_scale, v_scale, *, kv_cache_layout, implementation,
+                 num_splits, num_warps, num_stages):
+    if not isinstance(decode_query_len, int) or decode_query_len < 1:
+        raise ValueError(f"decode_query_len must be an int >= 1, got {decode_query_len!r}")
     spec = _seed_spec(q, kv_cache, topk_idx, num_kv_heads, sm_scale, kv_cache_layout)
     num_reqs = seq_lens.shape[0]
     tokens = jnp.arange(q.shape[0], dtype=jnp.int32)
-    starts = cu_seqlens_q.astype(jnp.int32)
-    req = jnp.clip(jnp.searchsorted(starts[1:], tokens, side="right"), 0, num_reqs - 1)
-    positions = prefix_lens[req] + tokens - starts[req]
-    positions = jnp.where((tokens < starts[-1]) & (positions < seq_lens[req]), positions, -1)
-    return _attention(spec, q, kv_cache, topk_idx, req, positions, block_table, k_scale,
-                      v_scale, 0, implementation=implementation,
-                      prefill_algorithm=prefill_algorithm, num_splits=num_splits,
-                      num_warps=num_warps, num_stages=num_stages)
+    req = tokens // decode_query_len
+    positions = (seq_lens[jnp.minimum(req, num_reqs - 1)] - decode_query_len
+                 + tokens % decode_query_len)
+    positions = jnp.where(req < num_reqs, positions, -1)
+    return _attention(spec, q, kv_cache, topk_idx, jnp.minimum(req, num_reqs - 1), positions,
+                      block_table, k_scale, v_scale, q.shape[0], implementation=implementation,
+                      prefill_algorithm="token", num_splits=num_splits, num_warps=num_warps,
+                      num_stages=num_stages)
 
 
-@functools.partial(jax.jit, static_argnames=("num_kv_heads", "sm_scale", "decode_query_len",
-                                             "kv_cache_layout", *_KNOBS))
+_seed_decode_jit = jax.jit(_seed_decode, static_argnames=(
+    "num_kv_heads", "sm_scale", "decode_query_len", "kv_cache_layout", *_KNOBS))
+
+
 def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens,
                                   num_kv_heads: int, sm_scale: float, decode_query_len: int,
                                   k_scale=None, v_scale=None, *, kv_cache_layout: str = "NHD",
@@ -190,16 +236,12 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens,
       num_kv_heads, sm_scale, decode_query_len: static.
     Other arguments as in `minimax_m3_sparse_attn`.
     """
-    if not isinstance(decode_query_len, int) or decode_query_len < 1:
-        raise ValueError(f"decode_query_len must be an int >= 1, got {decode_query_len!r}")
-    spec = _seed_spec(q, kv_cache, topk_idx, num_kv_heads, sm_scale, kv_cache_layout)
-    num_reqs = seq_lens.shape[0]
-    tokens = jnp.arange(q.shape[0], dtype=jnp.int32)
-    req = tokens // decode_query_len
-    positions = (seq_lens[jnp.minimum(req, num_reqs - 1)] - decode_query_len
-                 + tokens % decode_query_len)
-    positions = jnp.where(req < num_reqs, positions, -1)
-    return _attention(spec, q, kv_cache, topk_idx, jnp.minimum(req, num_reqs - 1), positions,
-                      block_table, k_scale, v_scale, q.shape[0], implementation=implementation,
-                      prefill_algorithm="token", num_splits=num_splits, num_warps=num_warps,
-                      num_stages=num_stages)
+    check_jax_flavour(q=q, kv_cache=kv_cache, topk_idx=topk_idx, block_table=block_table,
+                      seq_lens=seq_lens, k_scale=k_scale, v_scale=v_scale)
+    return _seed_decode_jit(q, kv_cache, topk_idx, block_table, seq_lens, num_kv_heads,
+                            sm_scale, decode_query_len, k_scale, v_scale,
+                            kv_cache_layout=kv_cache_layout, implementation=implementation,
+                            num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+
+
+minimax_m3_sparse_attn_decode._cache_size = _seed_decode_jit._cache_size

@@ -24,7 +24,7 @@ from jax.experimental.pallas import triton as plgpu
 from interop import SparseAttentionSpec
 
 from .pages import cache_operand, load_page
-from .selection import LOG2E, MASK_VALUE, key_mask, select_pages
+from .selection import LOG2E, MASK_VALUE, first_in_row, key_mask, select_pages
 
 # Grid programs worth filling before splitting the top-k blocks further (about two waves of
 # an H100's 132 SMs). H100, per layer inside an 8-layer jitted decode step, L2 cold
@@ -74,8 +74,43 @@ def fp16_rows(q, row_scale):
     return (qf * q_scale[:, None]).astype(jnp.float16), row_scale / q_scale
 
 
+def drop_nonfinite(v):
+    """(v with its non-finite rows zeroed, bad [block_size] bool: those rows), for a page's
+    values v [block_size, D] that rows attend through different masks (union tiles, k2q items).
+
+    P @ V multiplies every row's 0 weight by every loaded V row, and 0 * NaN is NaN: a NaN or
+    Inf value of a key that one row attends would reach every row of the tile. Zeroed here, it
+    reaches only the rows that attend it, through `poison_rows`.
+    """
+    bad = jnp.where(jnp.isfinite(v), 0, 1).max(axis=-1) > 0
+    return jnp.where(bad[:, None], jnp.zeros((), v.dtype), v), bad
+
+
+def poison_rows(mask, bad):
+    """[rows] f32: NaN for a row of mask [rows, block_size] that attends a `drop_nonfinite`
+    key, else 0; added to the row's softmax sum, it makes that row (and only it) NaN."""
+    return jnp.where(jnp.where(mask & bad[None, :], 1, 0).max(axis=-1) > 0, jnp.nan, 0.0)
+
+
+def normalize(acc, m, l, attended):
+    """(out [rows, D] f32, lse [rows] f32, base 2) of an online softmax's state.
+
+    attended: bool, a scalar or [rows]: the row attended at least one key. A row that attended
+    nothing gives zeros and lse -inf. An attended row divides by l whatever l holds, so
+    garbage gives what the reference gives (contract, section 5): l is NaN when a score or an
+    attended value was (a NaN or Inf query, a NaN in an attended slot) and 0 when every score
+    was -inf (an Inf query): both make the row NaN, and its lse NaN (never -inf, which would
+    read as "attended nothing" in `_merge_splits`).
+    """
+    attended = jnp.broadcast_to(attended, l.shape)
+    out = jnp.where(attended[:, None], acc / jnp.where(attended, l, 1.0)[:, None], 0.0)
+    lse = jnp.where(attended, jnp.where(l > 0, m + jnp.log2(l), jnp.nan), -jnp.inf)
+    return out, lse
+
+
 def _attend_block(carry, q, page, load_mask, mask, head, cache_ref, k_scale_ref, v_scale_ref, *,
-                  layout: str, block_size: int, score_scale: float, packed_dtype=None):
+                  layout: str, block_size: int, score_scale: float, packed_dtype=None,
+                  row_masks: bool = False):
     """One online-softmax step over one selected page: the step every kernel family shares.
 
     carry: (acc [rows, D] f32, m [rows] f32 running max (base 2), l [rows] f32 running sum).
@@ -84,6 +119,8 @@ def _attend_block(carry, q, page, load_mask, mask, head, cache_ref, k_scale_ref,
     load_mask: [block_size] keys of this page some row attends (the others are not read).
     mask: [rows or 1, block_size] keys each row attends (all False for an invalid entry);
     within load_mask.
+    row_masks: the rows' masks differ (a tile of tokens): non-finite V rows are kept away
+    from the rows that do not attend them (`drop_nonfinite`).
     """
     acc, m, l = carry
     # Keys no row attends (past the tokens, or of a masked page) may hold anything, NaN
@@ -101,12 +138,16 @@ def _attend_block(carry, q, page, load_mask, mask, head, cache_ref, k_scale_ref,
     if v_scale_ref is not None:
         p = p * _scale(v_scale_ref, head, slots)
     v = load_page(cache_ref, page, 1, head, layout, load_mask, packed_dtype).astype(q.dtype)
+    if row_masks:
+        v, bad = drop_nonfinite(v)
+        l = l + poison_rows(mask, bad)
     acc = alpha[:, None] * acc + plgpu.dot(p.astype(q.dtype), v)
     return acc, m_new, l
 
 
 def block_attender(q, head, cache_ref, k_scale_ref, v_scale_ref, *, layout: str,
-                   block_size: int, score_scale: float, fp16_compute: bool, packed_dtype=None):
+                   block_size: int, score_scale: float, fp16_compute: bool, packed_dtype=None,
+                   row_masks: bool = False):
     """(attend, init): `_attend_block` bound to the query rows q [rows, D] of KV head `head`
     (in float16 with per-row scales for an FP8 cache: `fp16_rows`), called as
     attend(carry, page=, load_mask=, mask=); and the empty online-softmax carry."""
@@ -117,7 +158,7 @@ def block_attender(q, head, cache_ref, k_scale_ref, v_scale_ref, *, layout: str,
     attend = functools.partial(_attend_block, q=q, head=head, cache_ref=cache_ref,
                                k_scale_ref=k_scale_ref, v_scale_ref=v_scale_ref, layout=layout,
                                block_size=block_size, score_scale=row_scale,
-                               packed_dtype=packed_dtype)
+                               packed_dtype=packed_dtype, row_masks=row_masks)
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((rows,), MASK_VALUE, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
     return attend, init
@@ -144,20 +185,32 @@ def _sparse_attention_kernel(q_ref, topk_ref, token_to_req_ref, positions_ref, b
             block_size=block_size, score_scale=score_scale, fp16_compute=fp16_compute,
             packed_dtype=packed_dtype)
 
+        # The whole top-k row, read once: which entries repeat an earlier one (they count
+        # once: the first occurrence is attended). Padded to a power of two for the vector
+        # ops; the padding columns repeat the last entry and come after every real column.
+        topk = topk_ref.shape[-1]
+        cols = jnp.arange(pl.next_power_of_2(topk), dtype=jnp.int32)
+        first = jnp.where(first_in_row(topk_ref[head, token, jnp.minimum(cols, topk - 1)]), 1, 0)
+
         def body(i, carry):
-            entry = topk_ref[head, token, split * blocks_per_split + i]
+            carry, attended = carry
+            column = split * blocks_per_split + i
+            entry = topk_ref[head, token, column]
             valid, block, page = select_pages(
                 entry, position, lambda b: block_table_ref[req, b], block_size=block_size,
                 max_blocks=max_blocks, num_blocks=num_blocks)
+            valid = valid & (jnp.where(cols == column, first, 0).max() > 0)
             mask = key_mask(valid, block, position, block_size)
-            return attend(carry, page=page, load_mask=mask, mask=mask[None, :])
+            carry = attend(carry, page=page, load_mask=mask, mask=mask[None, :])
+            return carry, attended + valid.astype(jnp.int32)
 
-        acc, m, l = lax.fori_loop(0, blocks_per_split, body, init)
-        seen = l > 0.0  # a row with no valid key gives zeros, never NaN
-        out = jnp.where(seen[:, None], acc / jnp.where(seen, l, 1.0)[:, None], 0.0)
+        # A valid entry always holds a key the token attends (its block starts at or before
+        # the position): the split attended something when it had one.
+        (acc, m, l), attended = lax.fori_loop(0, blocks_per_split, body, (init, jnp.int32(0)))
+        out, lse = normalize(acc, m, l, attended > 0)
         out_ref[...] = out.astype(out_ref.dtype)
         if lse_ref:
-            lse_ref[0][...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), -jnp.inf)
+            lse_ref[0][...] = lse
 
     if mask_ref is None:
         attend_token()
@@ -165,13 +218,24 @@ def _sparse_attention_kernel(q_ref, topk_ref, token_to_req_ref, positions_ref, b
         pl.when(mask_ref[token] != 0)(attend_token)
 
 
-def _merge_splits(out, lse):
-    """Combine per-split partials: out [S, ...rows, D] f32, lse [S, ...rows] (base 2)."""
+def _merge_splits(out, lse, attended=None):
+    """Combine per-split partials: out [S, ...rows, D] f32, lse [S, ...rows] (base 2) as
+    `normalize` leaves them: -inf for a split that attended nothing (its out is zeros), NaN for
+    a row the split made NaN.
+
+    attended: optional bool [...rows], the rows that attended at least one key (default: those
+    with a split whose lse is not -inf). A row that attended nothing gives zeros; a NaN in any
+    split of an attended row makes the row NaN.
+    """
+    nan = jnp.isnan(lse).any(axis=0)
+    if attended is None:
+        attended = nan | (lse > -jnp.inf).any(axis=0)
     peak = lse.max(axis=0)
     weight = jnp.exp2(lse - jnp.where(jnp.isfinite(peak), peak, 0.0))  # 0 for empty splits
     total = weight.sum(axis=0)
-    merged = (weight[..., None] * out).sum(axis=0)
-    return jnp.where(total[..., None] > 0, merged / jnp.where(total > 0, total, 1.0)[..., None], 0)
+    merged = (weight[..., None] * out).sum(axis=0) / jnp.where(total > 0, total, 1.0)[..., None]
+    merged = jnp.where(nan[..., None], jnp.nan, merged)
+    return jnp.where(attended[..., None], merged, 0.0)
 
 
 def _whole(shape):

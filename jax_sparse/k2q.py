@@ -15,7 +15,7 @@ prefill), in three steps per chunk of tokens:
    (fp32, base 2: no online rescaling) and writes the normalised partial output and its
    log2-sum-exp at [k, token, head].
 3. `_combine` (XLA, one fused reduction): weights each token's valid columns k by their
-   log2-sum-exps. Validity is the plan's (the shared `selection.select_pages` rule), so a
+   log2-sum-exps. Validity is the plan's (the shared `selection.select_rows` rule), so a
    partial that no program wrote is never read; a row with no valid entry gets zeros.
 
 `paged_sparse_attention_k2q` runs the three over chunks of tokens so partials stay within
@@ -35,9 +35,10 @@ from jax.experimental.pallas import triton as plgpu
 
 from interop import SparseAttentionSpec
 
-from .attention import _merge_splits, _scale, _whole, fp16_rows
+from .attention import (_merge_splits, _scale, _whole, drop_nonfinite, fp16_rows,
+                        poison_rows)
 from .pages import cache_operand, load_page
-from .selection import LOG2E, MASK_VALUE, select_pages
+from .selection import LOG2E, MASK_VALUE, select_rows
 
 # Query rows per tile: wgmma needs 64 rows per warpgroup (4 warps).
 TILE_ROWS = 64
@@ -60,7 +61,7 @@ class K2QPlan(NamedTuple):
     invalid entries come last. Pair arrays hold C = pairs_per_item padding pairs past E so a
     work item may read C pairs from its start without a bound check.
       valid: [num_kv_heads, n, topk] bool, the entries that select a page (the shared rule,
-        `selection.select_pages`, and the token mask): the combine's weights.
+        `selection.select_rows`, and the token mask): the combine's weights.
       pair_key: [E + C] int32, kv_head * num_blocks + page (runs of equal keys are the
         segments); num_kv_heads * num_blocks for invalid entries and padding.
       pair_token: [E + C] int32, the pair's token in the chunk (n for padding).
@@ -117,7 +118,7 @@ def plan_k2q(topk_indices, token_to_req, token_positions, block_table, *, num_bl
     position = token_positions if token_mask is None else jnp.where(token_mask,
                                                                     token_positions, -1)
     position = position[None, :, None]
-    valid, block, page = select_pages(
+    valid, block, page = select_rows(
         topk_indices, position, lambda b: block_table[req, b], block_size=block_size,
         max_blocks=max_blocks, num_blocks=num_blocks)
     sentinel = num_kv_heads * num_blocks
@@ -170,6 +171,9 @@ def _k2q_block_kernel(first_token_ref, item_ref, key_ref, token_ref, column_ref,
         seen = offsets <= last
         k = load_page(cache_ref, page, 0, kv_head, layout, seen, packed_dtype)
         v = load_page(cache_ref, page, 1, kv_head, layout, seen, packed_dtype)
+        # The item's rows attend different keys of the page: a non-finite V row must reach
+        # only the rows that attend it (`poison_rows` below), not every row through 0 * NaN.
+        v, bad = drop_nonfinite(v.astype(jnp.float16 if fp16_compute else q_ref.dtype))
         slots = pl.ds(page * block_size, block_size)
         rows = jnp.arange(pairs * group_pad, dtype=jnp.int32)
         head_size = q_ref.shape[-1]
@@ -197,31 +201,35 @@ def _k2q_block_kernel(first_token_ref, item_ref, key_ref, token_ref, column_ref,
                 scores = jnp.where(mask, scores * row_scale[:, None], MASK_VALUE)
                 m = scores.max(axis=-1)
                 p = jnp.where(mask, jnp.exp2(scores - m[:, None]), 0.0)
-                l = p.sum(axis=-1)
+                l = p.sum(axis=-1) + poison_rows(mask, bad)
                 if v_scale_ref is not None:
                     p = p * _scale(v_scale_ref, kv_head, slots)
-                acc = plgpu.dot(p.astype(q.dtype), v.astype(q.dtype))
-                l_safe = jnp.where(l > 0, l, 1.0)  # dead rows: no division by zero
+                acc = plgpu.dot(p.astype(q.dtype), v)
+                # A live row attends >= 1 key of the page, so it divides by l whatever l holds
+                # (NaN for garbage: a NaN or Inf query, a NaN in an attended slot; 0 when every
+                # score was -inf), and its lse is NaN then too. Dead rows: no division by 0.
+                part = acc / jnp.where(live, l, 1.0)[:, None]
+                lse = jnp.where(l > 0, m + jnp.log2(l), jnp.nan)
                 # Dead rows go to token row n: masked off on a GPU, and in interpret mode
                 # (which stores them back unchanged) they never alias a live row.
                 token = jnp.where(live, token, n)
                 column = column_ref[pair]
                 plgpu.store(part_ref.at[column[:, None], token[:, None], head[:, None], dims],
-                            (acc / l_safe[:, None]).astype(part_ref.dtype),
-                            mask=live[:, None])
-                plgpu.store(lse_ref.at[column, token, head], m + jnp.log2(l_safe), mask=live)
+                            part.astype(part_ref.dtype), mask=live[:, None])
+                plgpu.store(lse_ref.at[column, token, head], lse, mask=live)
 
 
 def _combine(valid, part, lse, group: int):
     """[n, num_heads, D] f32: each token's valid partials weighted by their log2-sum-exps.
 
     valid: [num_kv_heads, n, topk] (the plan's); part: [topk, n + 1, num_heads, D];
-    lse: [topk, n + 1, num_heads]. Unwritten partials (invalid columns) are never used.
+    lse: [topk, n + 1, num_heads]. Unwritten partials (invalid columns) are never used; a row
+    with a valid column attended a key, and a NaN partial of it makes it NaN.
     """
     n = valid.shape[1]
     valid = jnp.repeat(valid, group, axis=0).transpose(2, 1, 0)  # [topk, n, num_heads]
     part = jnp.where(valid[..., None], part[:, :n], 0)
-    return _merge_splits(part, jnp.where(valid, lse[:, :n], -jnp.inf))
+    return _merge_splits(part, jnp.where(valid, lse[:, :n], -jnp.inf), valid.any(axis=0))
 
 
 def tokens_per_chunk(spec: SparseAttentionSpec, partial_bytes: int) -> int:

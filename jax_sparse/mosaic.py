@@ -11,7 +11,7 @@ A mixed decode-first batch is one launch: a token only needs its row of the plan
 
 What differs from the Triton kernel:
 - A plan computed by XLA before the launch (`plan_pages`): per (KV head, token) row, the pages
-  of its valid entries first (`selection.select_pages`), the number of keys the token attends in
+  of its valid entries first (`selection.select_rows`), the number of keys the token attends in
   each, and the count. The kernel walks exactly the valid pages, TMA copies of pages read
   from the plan in global memory, a few stages ahead of the compute.
 - wgmma needs 64 rows: the group (16 rows at MiniMax-M3's 64/4 and 16/1 heads) is padded to
@@ -22,8 +22,8 @@ What differs from the Triton kernel:
   shared-memory tile (times the per-slot scale of each key; a scalar scale folds into the
   softmax scale and the output), which wgmma then reads.
 
-`prefill_algorithm`: checked like everywhere; every value runs this token kernel (the union
-and key-to-query paths exist on the Triton backend only).
+`prefill_algorithm`: `dispatch.sparse_attention_mosaic` decides; "union" and "auto" (large
+prefills) run the union kernel of `mosaic_union.py` and leave the other rows to this one.
 
 Mosaic GPU needs a Hopper GPU (compute capability 9.x: wgmma is sm_90a only) and a JAX whose
 `jax.experimental.pallas.mosaic_gpu` imports (it needs absl-py); `mosaic_unavailable_reason()`
@@ -43,7 +43,7 @@ from jax.experimental import pallas as pl
 from interop import SparseAttentionSpec, check_prefill_algorithm
 
 from .attention import _merge_splits, default_num_splits
-from .selection import LOG2E, MASK_VALUE, select_pages
+from .selection import LOG2E, MASK_VALUE, select_rows
 
 WGMMA_ROWS = 64  # wgmma's M: one warpgroup's smallest tile of query rows
 TMA_ROWS = 8     # query / output rows move in multiples of the 8-row shared-memory tile
@@ -165,7 +165,7 @@ def plan_pages(spec: SparseAttentionSpec, topk_indices, token_to_req, token_posi
     entries = topk_indices[:, :num_tokens]
     positions = token_positions[None, :, None]
     req = jnp.clip(token_to_req, 0, num_reqs - 1)[None, :, None]
-    valid, block, page = select_pages(
+    valid, block, page = select_rows(
         entries, positions, lambda b: block_table[req, b], block_size=block_size,
         max_blocks=max_blocks, num_blocks=num_blocks)
     # key_mask's keys j <= position of the block, counted (a valid block starts at or before
@@ -288,8 +288,10 @@ def _kernel(q_ref, pages_ref, num_keys_ref, counts_ref, cache_ref, scalars_ref, 
         scores = jnp.where(key_cols < keys, scores * scale, MASK_VALUE)
         m_new = jnp.maximum(m, scores.max(axis=1))
         alpha = jnp.exp2(m - m_new)
-        # Every walked page has an attended key, so m_new is a real score: masked keys give 0.
-        p = jnp.exp2(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
+        # Masked keys give 0 even when no attended score is above MASK_VALUE (every one -inf:
+        # an Inf query), so such a row ends with l = 0 and comes out NaN.
+        p = jnp.where(key_cols < keys,
+                      jnp.exp2(scores - lax.broadcast_in_dim(m_new, scores.shape, [0])), 0.0)
         l = alpha * l + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
 
@@ -312,11 +314,17 @@ def _kernel(q_ref, pages_ref, num_keys_ref, counts_ref, cache_ref, scalars_ref, 
             plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row_layout))
     acc, m, l = lax.fori_loop(0, steps, body, init)
 
-    seen = l > 0.0  # a row with no valid key gives zeros, never NaN
-    inv = jnp.where(seen, scalars_ref[1] / jnp.where(seen, l, 1.0), 0.0)
+    # A program that walked no page (its split of the row holds no valid entry) has acc = 0 and
+    # l = 0: dividing by l + 1 gives zeros (and lse = MASK_VALUE, weight 0 beside any real
+    # split; the merge takes "attended" from the plan). A program that walked one divides by l
+    # whatever l holds, as `attention.normalize` does: NaN when a score or an attended value
+    # was (a NaN or Inf query, a NaN in an attended slot), 0 when every score was -inf (an Inf
+    # query, 0 * inf = NaN): the row comes out NaN, as the reference has it.
+    empty = (1 - jnp.minimum(steps, 1)).astype(jnp.float32)  # 1.0: no page walked, else 0.0
+    inv = scalars_ref[1] / (l + empty)
     out = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
     o_smem[...] = out.astype(o_smem.dtype)
-    lse_smem[...] = jnp.where(seen, m + jnp.log2(jnp.where(seen, l, 1.0)), -jnp.inf)
+    lse_smem[...] = m + jnp.log2(l + empty)
     plgpu.commit_smem()
     if splits == 1:
         plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(0, moved)], out_refs[0].at[token, head])
@@ -411,7 +419,11 @@ def paged_sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, to
             approx_math=True, lowering_semantics=getattr(plgpu.LoweringSemantics, SEMANTICS)),
         kernel_name=f"sparse_attention_mosaic_{spec.kv_cache_layout}_rows{rows}_splits{splits}",
     )(*args)
-    result = outs[0] if splits == 1 else _merge_splits(*outs).astype(cdt)
+    if splits == 1:
+        result = outs[0]
+    else:  # the rows that attended a key: those with a valid entry in any split
+        attended = jnp.broadcast_to((counts > 0).T[:, :, None], outs[1].shape[1:])
+        result = _merge_splits(*outs, attended).astype(cdt)
     return result[:, :, :group].reshape(num_tokens, num_heads, head_size)
 
 
@@ -424,7 +436,7 @@ def sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, topk_ind
 
     num_decode_tokens: int32 scalar (traced); decode and prefill rows run the same kernel in
     one launch, so it is not needed. prefill_algorithm: checked ("auto", "token", "union",
-    "k2q"); every value runs the token kernel here.
+    "k2q"); this is the token kernel's path (`dispatch.sparse_attention_mosaic` picks it).
     Raises RuntimeError (at trace time) where Mosaic GPU cannot run: see
     `mosaic_unavailable_reason`.
     """

@@ -43,8 +43,9 @@ from interop import (KV_CACHE_STRIDE_ORDERS, SparseAttentionSpec, SparseMetadata
 from interop.metadata import ARRAY_FIELDS, COUNT_FIELDS
 
 from .api import _attention
-from .cache import write_kv
-from .validation import check_attention_inputs, check_scale, check_write_inputs
+from .cache import prepare_write, scatter_kv
+from .validation import (check_attention_inputs, check_jax_flavour, check_metadata, check_scale,
+                         check_slots_when_run, check_write_inputs)
 
 
 def mesh_sizes(mesh: Mesh, dp_axis: str | None, tp_axis: str | None) -> tuple[int, int]:
@@ -187,6 +188,9 @@ def sharded_sparse_attention(mesh: Mesh, spec: SparseAttentionSpec, query, kv_ca
     Returns: [dp * T, num_heads, head_size] in the query dtype, sharded (dp_axis, tp_axis):
       rank d's rows are [d * T, (d + 1) * T), each device holding its KV heads' query heads.
     """
+    check_jax_flavour(query=query, kv_cache=kv_cache, topk_indices=topk_indices,
+                      k_scale=k_scale, v_scale=v_scale)
+    check_metadata(metadata)
     return _sharded_attention(
         mesh, spec, query, kv_cache, topk_indices, metadata.token_to_req,
         metadata.token_positions, metadata.block_table, metadata.num_decode_tokens, k_scale,
@@ -195,36 +199,56 @@ def sharded_sparse_attention(mesh: Mesh, spec: SparseAttentionSpec, query, kv_ca
         num_stages=num_stages)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "spec", "dp_axis", "tp_axis"),
+@functools.partial(jax.jit, static_argnames=("mesh", "spec", "dp_axis", "tp_axis",
+                                             "check_when_run"),
                    donate_argnames=("kv_cache",))
-def sharded_write_kv(mesh: Mesh, kv_cache, key, value, slot_mapping, spec: SparseAttentionSpec,
-                     k_scale=None, v_scale=None, *, dp_axis: str | None = "dp",
-                     tp_axis: str | None = "tp"):
-    """`write_kv` on a mesh, with `sharded_sparse_attention`'s layout; returns the new cache.
-
-    Args:
-      mesh, dp_axis, tp_axis, spec: as in `sharded_sparse_attention`.
-      kv_cache: the physical cache of dp * num_blocks pages, sharded on pages and KV heads.
-        Donated: each device writes into its own shard's buffer (use the returned array).
-      key / value: [dp * T, num_kv_heads, head_size], sharded (dp_axis, tp_axis).
-      slot_mapping: [dp * T] int, rank-local slots (`pack_dp_metadata`'s slot_mapping);
-        negative: not written. Sharded on dp_axis.
-      k_scale / v_scale: as in `sharded_sparse_attention`.
-    Returns: the updated cache, sharded as `kv_cache`.
-    """
+def _sharded_write_kv(mesh, kv_cache, key, value, slot_mapping, spec, k_scale, v_scale, *,
+                      dp_axis, tp_axis, check_when_run):
     dp, tp = mesh_sizes(mesh, dp_axis, tp_axis)
     local = shard_spec(spec, tp)
     num_blocks = check_write_inputs(spec, kv_cache, key, value, slot_mapping)
-    _check_divisible(dp, kv_cache=(num_blocks, "pages"), key=(key.shape[0], "token rows"))
+    num_tokens = key.shape[0]
+    slot_mapping = slot_mapping[:num_tokens]  # vLLM pads slot_mapping: ignored
+    _check_divisible(dp, kv_cache=(num_blocks, "pages"), key=(num_tokens, "token rows"))
+    if check_when_run:  # rank-local slots: each rank's are below its own pages' slots
+        check_slots_when_run(slot_mapping, num_blocks // dp * spec.block_size,
+                             "the rank's pages")
     scales, scale_parts = _scales(spec, num_blocks, k_scale, v_scale, dp_axis, tp_axis)
 
     def body(kv_cache, key, value, slot_mapping, k_scale, v_scale):
-        return write_kv(kv_cache, key, value, slot_mapping, local, k_scale, v_scale)
+        return scatter_kv(kv_cache, key, value, slot_mapping, local, k_scale, v_scale)
 
     cache_part = _cache_partition(spec, dp_axis, tp_axis)
     in_specs = (cache_part, P(dp_axis, tp_axis), P(dp_axis, tp_axis), P(dp_axis), *scale_parts)
     args = (kv_cache, key, value, slot_mapping, *scales)
     return _shard_map(body, mesh, in_specs, cache_part, args)
+
+
+def sharded_write_kv(mesh: Mesh, kv_cache, key, value, slot_mapping, spec: SparseAttentionSpec,
+                     k_scale=None, v_scale=None, *, dp_axis: str | None = "dp",
+                     tp_axis: str | None = "tp", checks: bool | None = None):
+    """`write_kv` on a mesh, with `sharded_sparse_attention`'s layout; returns the new cache.
+
+    Args:
+      mesh, dp_axis, tp_axis, spec: as in `sharded_sparse_attention`.
+      kv_cache: the physical cache of dp * num_blocks pages, sharded on pages and KV heads.
+        Donated: each device writes into its own shard's buffer (use the returned array); a
+        call that raises consumes nothing.
+      key / value: [dp * T, num_kv_heads, head_size], sharded (dp_axis, tp_axis).
+      slot_mapping: [>= dp * T] int, rank-local slots (`pack_dp_metadata`'s slot_mapping);
+        negative: not written; >= num_blocks * block_size (the rank's own pages): never
+        written, and a ValueError as in `write_kv` (its check mode included). Sharded on
+        dp_axis; entries past dp * T are ignored.
+      k_scale / v_scale: as in `sharded_sparse_attention`.
+      checks: as in `write_kv`.
+    Returns: the updated cache, sharded as `kv_cache`.
+    """
+    dp, _ = mesh_sizes(mesh, dp_axis, tp_axis)
+    check_when_run = prepare_write(
+        kv_cache, key, value, slot_mapping, spec, k_scale, v_scale, checks=checks,
+        num_slots=lambda num_blocks: num_blocks // dp * spec.block_size)
+    return _sharded_write_kv(mesh, kv_cache, key, value, slot_mapping, spec, k_scale, v_scale,
+                             dp_axis=dp_axis, tp_axis=tp_axis, check_when_run=check_when_run)
 
 
 # --- the packed data-parallel metadata (host side) --------------------------------------------

@@ -3,13 +3,14 @@
 Plan, then run (`plan_tpu`, `paged_sparse_attention_tpu`).
 
 Plan (XLA, once per call). Tokens are cut into tiles of `tile_tokens`. For every (KV head,
-tile) the plan resolves each top-k entry of the tile's tokens through `select_pages` (the rules
+tile) the plan resolves each top-k entry of the tile's tokens through `select_rows` (the rules
 every implementation shares) into a work item (physical page, visible keys, token in the tile)
 and moves the valid items to the front of the tile's list, keeping their order: a list of
 tile_tokens * topk items whose first `num_work` are the pages to read, grouped by token.
-Invalid entries (sentinels, future blocks, pages outside the table or the cache) never become
-work, so they cost no DMA and no read can leave the cache; a token with no valid entry has no
-work and its output rows stay the zeros the program starts from.
+Invalid entries (sentinels, future blocks, pages outside the table or the cache, repeats of an
+earlier entry of the row) never become work, so they cost no DMA and no read can leave the
+cache; a token with no valid entry has no work and its output rows stay the zeros the program
+starts from.
 
 Run. One program per (token tile, KV head): grid (num_tiles, num_kv_heads), both "parallel"
 (no state crosses programs, so megacore chips may split either axis). The program's work list
@@ -78,7 +79,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from interop import SparseAttentionSpec, check_prefill_algorithm
 
-from .selection import MASK_VALUE, select_pages
+from .selection import MASK_VALUE, select_rows
 
 TILE_TOKENS = 8      # tokens per program: their pages stream through one DMA ring
 PIPELINE_DEPTH = 4   # VMEM slots per ring: up to 3 page copies in flight behind the one in use
@@ -119,7 +120,7 @@ def plan_tpu(spec: SparseAttentionSpec, topk_indices, token_to_req, token_positi
     rows = jnp.pad(topk_indices[:, :num_tokens], ((0, 0), (0, pad), (0, 0)),
                    constant_values=-1)                       # [G, T, K]
     pos = positions[None, :, None]
-    valid, block, page = select_pages(
+    valid, block, page = select_rows(
         rows, pos, lambda b: block_table[req[None, :, None], b], block_size=bs,
         max_blocks=max_blocks, num_blocks=num_blocks)
     keys = jnp.where(valid, jnp.minimum(pos + 1 - block * bs, bs), 0)

@@ -9,7 +9,7 @@ before its position (FlashInfer's `sparse_fwd_union` idea):
 
 1. `plan_union` (jnp ops, static shapes, no host sync): per (KV head, tile), the distinct valid
    (page, logical block) entries sorted, and for each the bitmask of the tile's tokens that
-   chose it; plus the union sizes. Validity is the shared rule (`selection.select_pages`), so
+   chose it; plus the union sizes. Validity is the shared rule (`selection.select_rows`), so
    every page the kernel reads lies inside the cache whatever top-k holds.
 2. `_union_kernel`, one program per (tile, KV head): online softmax in fp32 (base 2) over the
    union's pages through the shared `attention._attend_block` with a per-row mask, the output
@@ -34,9 +34,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from interop import SparseAttentionSpec
 
-from .attention import _whole, block_attender
+from .attention import _whole, block_attender, normalize
 from .pages import cache_operand
-from .selection import LOG2E, select_pages
+from .selection import LOG2E, select_rows
 
 # Query rows a tile aims for (tokens x padded GQA group): wgmma takes 64 rows per warpgroup.
 TILE_ROWS = 128
@@ -105,7 +105,7 @@ def plan_union(topk_indices, token_to_req, token_positions, block_table, *, num_
     req = jnp.clip(token_to_req, 0, num_reqs - 1)[None, :, None]
     position = token_positions if token_mask is None else jnp.where(token_mask,
                                                                     token_positions, -1)
-    valid, block, page = select_pages(
+    valid, block, page = select_rows(
         topk_indices, position[None, :, None], lambda b: block_table[req, b],
         block_size=block_size, max_blocks=max_blocks, num_blocks=num_blocks)
     sentinel = jnp.iinfo(jnp.int32).max  # above every page: invalid entries sort last
@@ -178,10 +178,11 @@ def _union_kernel(first_ref, mask_ref, positions_ref, size_ref, page_ref, block_
         attend, init = block_attender(
             q, kv_head, cache_ref, k_scale_ref, v_scale_ref, layout=layout,
             block_size=block_size, score_scale=score_scale, fp16_compute=fp16_compute,
-            packed_dtype=packed_dtype)
+            packed_dtype=packed_dtype, row_masks=True)
         offsets = jnp.arange(block_size, dtype=jnp.int32)
 
         def body(e, carry):
+            carry, attended = carry
             page = page_ref[kv_head, tile, e]
             # The plan validated the page; one outside the cache is read by no row.
             inside = (page >= 0) & (page < num_blocks)
@@ -189,12 +190,15 @@ def _union_kernel(first_ref, mask_ref, positions_ref, size_ref, page_ref, block_
             chosen = (lax.shift_right_logical(bits, row_token) & 1) != 0
             # The last key of the block each row attends (-1: none).
             last = jnp.where(chosen, position - block_ref[kv_head, tile, e] * block_size, -1)
-            return attend(carry, page=jnp.where(inside, page, 0),
-                          load_mask=offsets <= last.max(), mask=offsets[None, :] <= last[:, None])
+            carry = attend(carry, page=jnp.where(inside, page, 0),
+                           load_mask=offsets <= last.max(),
+                           mask=offsets[None, :] <= last[:, None])
+            return carry, jnp.maximum(attended, jnp.where(last >= 0, 1, 0))
 
-        acc, _, l = lax.fori_loop(0, size_ref[kv_head, tile], body, init)
-        # A row with no valid key (padding included) has l = 0 and acc = 0: zeros.
-        out = acc / jnp.where(l > 0, l, 1.0)[:, None]
+        (acc, m, l), attended = lax.fori_loop(0, size_ref[kv_head, tile], body,
+                                              (init, jnp.zeros(rows.shape, jnp.int32)))
+        # A row with no valid key (padding included) gets zeros.
+        out, _ = normalize(acc, m, l, attended > 0)
         plgpu.store(out_ref.at[token, head, dims], out.astype(out_ref.dtype), mask=live[:, None])
 
 

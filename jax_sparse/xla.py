@@ -12,7 +12,7 @@ from jax import lax
 
 from interop import SparseAttentionSpec
 
-from .selection import key_mask, select_pages
+from .selection import key_mask, select_rows
 
 
 def _gather_pages(kv_cache, kv: int, pages, layout: str):
@@ -45,7 +45,7 @@ def sparse_attention_xla(spec: SparseAttentionSpec, query, kv_cache, topk_indice
     def one_token(args):
         q, rows, req, position = args                     # [H, D], [G, K], [], []
         req = jnp.clip(req, 0, num_reqs - 1)
-        valid, block, pages = select_pages(
+        valid, block, pages = select_rows(
             rows, position, lambda b: block_table[req, b], block_size=bs,
             max_blocks=max_blocks, num_blocks=kv_cache.shape[0])
         mask = key_mask(valid, block, position, bs)       # [G, K, bs]
@@ -63,7 +63,11 @@ def sparse_attention_xla(spec: SparseAttentionSpec, query, kv_cache, topk_indice
         v = jnp.where(mask[..., None], v, 0)              # keys past the token may hold NaN
         out = jnp.einsum("gqks,gksd->gqd", weights.astype(q.dtype), v,
                          preferred_element_type=jnp.float32)
-        out = jnp.where(denom[..., None] > 0, out / jnp.where(denom > 0, denom, 1.0)[..., None], 0)
+        # A group that attends nothing gives zeros. One that does divides by its sum whatever
+        # it holds: NaN when a score or an attended value was (a NaN or Inf query, a NaN in an
+        # attended slot), 0 when every score was -inf (an Inf query): a NaN row either way.
+        attended = mask.any(axis=(-2, -1))[:, None, None]  # [G, 1, 1]
+        out = jnp.where(attended, out / jnp.where(attended, denom[..., None], 1.0), 0)
         return out.reshape(num_heads, head_size).astype(q.dtype)
 
     rows = jnp.swapaxes(topk_indices[:, :num_tokens], 0, 1)  # [T, G, K]

@@ -1,4 +1,5 @@
-"""Shared test setup: interpreters on CPU, the `gpu` marker, seeded generators."""
+"""Shared test setup: interpreters on CPU, the `gpu` marker, seeded generators, one process on
+a GPU machine, a faster Triton interpreter, and the summary of which kernel paths ran."""
 import os
 import zlib
 
@@ -30,6 +31,93 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """One process on a CUDA machine (pyproject's addopts asks for 2 xdist workers, which pay
+    only for the CPU interpreters): the GPU tests share one process's compiled kernels, and
+    an xdist run there once hung in worker shutdown after every test had passed. An explicit
+    `-n N` on the command line still wins."""
+    if not HAS_CUDA or not hasattr(config.option, "numprocesses"):
+        return
+    explicit = any(a == "-n" or a.startswith("-n") and a[2:].isdigit() or
+                   a.startswith("--numprocesses") for a in config.invocation_params.args)
+    if not explicit:
+        config.option.numprocesses = 0
+        config.option.dist = "no"
+
+
+def _speed_up_triton_interpreter() -> None:
+    """Two costs of Triton's CPU interpreter that change nothing it computes (test runs only;
+    SPARSE_TESTS_PLAIN_INTERPRETER=1 turns this off):
+
+    - Every call of a @triton.jit helper inside a kernel re-patches triton.language
+      (inspect.getmembers over the language modules): a third of an interpreted launch here.
+      The patch is the same within a launch, so it is done once per launch for each set of
+      language modules a function sees (triton.language, triton.language.core).
+    - tl.dot runs np.matmul(..., dtype=accumulator), which NumPy computes without BLAS (16-bit
+      inputs: 6x slower). The inputs are converted to the accumulator type first (exact for
+      16-bit floats and FP8 values), then multiplied in that type as before.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get(
+            "SPARSE_TESTS_PLAIN_INTERPRETER") == "1":
+        return
+    try:
+        import inspect
+
+        import triton.language as tl
+        from triton.runtime import interpreter as ti
+        patch_lang, grid_call = ti._patch_lang, ti.GridExecutor.__call__
+        convert_float, handle = ti._convert_float, ti.TensorHandle
+        ti.InterpreterBuilder.create_dot  # noqa: B018 - present in this version
+    except (ImportError, AttributeError):
+        return
+    patched = set()
+
+    class _Nothing:
+        def restore(self):
+            pass
+
+    def once_per_launch(fn):
+        key = frozenset(id(v) for v in fn.__globals__.values()
+                        if inspect.ismodule(v) and v in (tl, tl.core))
+        if key in patched:
+            return _Nothing()
+        patched.add(key)
+        return patch_lang(fn)
+
+    def launch(self, *args, **kwargs):
+        patched.clear()  # the launch patches (and afterwards restores) the language anew
+        return grid_call(self, *args, **kwargs)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        a_data, b_data = a.data, b.data
+        if (a.dtype.primitive_bitwidth == 8 and a.dtype.is_floating()) or \
+                (b.dtype.primitive_bitwidth == 8 and b.dtype.is_floating()):
+            a_data = convert_float(a_data, a.dtype, tl.float16, None).view(np.float16)
+            b_data = convert_float(b_data, b.dtype, tl.float16, None).view(np.float16)
+        acc = d.data.dtype
+        return handle(np.matmul(a_data.astype(acc), b_data.astype(acc)) + d.data,
+                      d.dtype.scalar)
+
+    ti._patch_lang = once_per_launch
+    ti.GridExecutor.__call__ = launch
+    ti.InterpreterBuilder.create_dot = create_dot
+
+
+_INSTALLED = []
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    """Before the first test module is imported (in each process that collects): the faster
+    interpreter and the path recorders (tests/paths.py), so that names test modules import
+    from the front ends are the recording ones."""
+    if not _INSTALLED:
+        _INSTALLED.append(True)
+        _speed_up_triton_interpreter()
+        from tests import paths
+        paths.install()
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return
@@ -44,3 +132,41 @@ def rng(request):
     """A generator seeded from the test's id: fresh per case, reproducible per run."""
     seed = zlib.crc32(request.node.nodeid.encode())
     return np.random.default_rng(seed)
+
+
+# --- which kernel paths ran --------------------------------------------------------------------
+
+_PATHS_START = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    from tests import paths
+    item.stash[_PATHS_START] = len(paths.RUNS)
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """The paths a test ran (setup, call and teardown) go into its user_properties before its
+    last report is made: pytest-xdist carries them back to the controlling process (and
+    --junitxml writes them)."""
+    if call.when == "teardown" and _PATHS_START in item.stash:
+        from tests import paths
+        item.user_properties.append(("paths", paths.RUNS[item.stash[_PATHS_START]:]))
+    yield
+
+
+_SEEN = set()
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":
+        for name, value in report.user_properties:
+            if name == "paths":
+                _SEEN.update(tuple(run) for run in value)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests import paths
+    terminalreporter.write_line(paths.summary(_SEEN))

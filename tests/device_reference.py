@@ -12,7 +12,7 @@ arrays), so a test swaps one for the other:
 - `torch_reference`: the pure-PyTorch path `torch_sparse.eager.sparse_attention_eager`
   (float32 gathers, no Triton) with a float32 output, for the PyTorch test files.
 
-tests/test_device_reference.py checks both against the float64 reference on CPU cases (messy
+tests/test_interop_device_reference.py checks both against the float64 reference on CPU cases (messy
 selections, padding, both layouts, FP8 scales) to 1e-5, so a wrong device reference fails CI.
 Float32 differs from float64 by about 1e-7 relative here: the GPU tests' 1e-2 tolerances stand.
 """

@@ -4,7 +4,7 @@ Every prefill path and write_kv on an FP8 cache of 3.2e9 bytes (past 2^31, under
 bf16 cache past 2^31 elements (4.3e9 bytes), with selected pages on both sides of each mark,
 each output compared with the device reference. `tests/sanitize_large_cache.sh` runs it under
 memcheck. (JAX under compute-sanitizer did not finish within 10 minutes on the H100; the JAX
-paths are checked at these sizes by `tests/test_large_cache.py`.)
+paths are checked at these sizes by `tests/test_parity_large_cache.py`.)
 """
 import os
 import sys
@@ -18,7 +18,7 @@ from interop.testing import relative_error
 from torch_sparse.eager import sparse_attention_eager
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from test_large_cache import HEADS, TOL, _batch, _fill_torch  # noqa: E402
+from test_parity_large_cache import HEADS, TOL, _batch, _fill_torch  # noqa: E402
 
 
 def main() -> int:

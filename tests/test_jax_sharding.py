@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(
     len(jax.devices()) < 4, reason="needs 4 devices (on CPU: XLA_FLAGS="
     "--xla_force_host_platform_device_count=4, which tests/conftest.py sets)")
 
-TOL = 1e-2        # against the float64 reference (as tests/test_jax_sparse.py)
+TOL = 1e-2        # against the float64 reference (as tests/test_jax_token.py)
 SAME_TOL = 1e-4   # against the same implementation unsharded, with the same knobs
 HAS_TPU_MODULE = importlib.util.find_spec("jax_sparse.tpu") is not None
 IMPLS = [

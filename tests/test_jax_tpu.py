@@ -14,7 +14,7 @@ from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 import jax_sparse  # noqa: E402
 from jax_sparse.selection import key_mask, select_pages  # noqa: E402
 from jax_sparse.tpu import paged_sparse_attention_tpu, plan_tpu, sparse_attention_tpu  # noqa: E402
-from tests.test_jax_sparse import (MIXED_BATCHES, TOL, _check, _garbage_topk,  # noqa: E402
+from tests.test_jax_token import (MIXED_BATCHES, TOL, _check, _garbage_topk,  # noqa: E402
                                    _problem, _reference, _run, _same_shape_batches, _scales)
 
 

@@ -10,16 +10,21 @@ interpreter; "eager" elsewhere. Deprecated names, still accepted: `impl=` (warns
 """
 import warnings as _warnings
 
+from interop.bridges import allocate_torch_kv_cache as allocate_kv_cache
+
 from .backend import MiniMaxM3SparseBackend, MiniMaxM3SparseImpl, MiniMaxM3SparseMetadataBuilder
 from .frontend import (minimax_m3_sparse_attn, minimax_m3_sparse_attn_decode, sparse_attention,
                        write_kv)
 from .ops import HAS_TRITON, IMPLEMENTATIONS, INTERPRETED, default_impl, default_implementation
 
+if HAS_TRITON:
+    from .indexer import index_topk, write_index_k
+
 __all__ = [
     "HAS_TRITON", "IMPLEMENTATIONS", "INTERPRETED", "MiniMaxM3SparseBackend",
-    "MiniMaxM3SparseImpl", "MiniMaxM3SparseMetadataBuilder", "default_impl",
-    "default_implementation", "minimax_m3_sparse_attn", "minimax_m3_sparse_attn_decode",
-    "sparse_attention", "write_kv",
+    "MiniMaxM3SparseImpl", "MiniMaxM3SparseMetadataBuilder", "allocate_kv_cache",
+    "default_impl", "default_implementation", "index_topk", "minimax_m3_sparse_attn",
+    "minimax_m3_sparse_attn_decode", "sparse_attention", "write_index_k", "write_kv",
 ]
 
 

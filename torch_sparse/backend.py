@@ -145,6 +145,7 @@ class MiniMaxM3SparseImpl:
         num_tokens = nd + md.num_prefill_tokens
         q = query[:num_tokens].view(-1, self.num_heads, self.head_size)
         out = output[:num_tokens].view(-1, self.num_heads, self.head_size)
+        output[num_tokens:].zero_()  # padding rows (CUDA-graph sizes): zeros, as sparse_attention
         scales = (getattr(layer, "_k_scale", None), getattr(layer, "_v_scale", None))
         decode = md.decode
         if decode is not None:

@@ -220,7 +220,7 @@ def test_plan_union_matches_numpy(rng):
 
 def test_no_recompile_across_batches_union(rng):
     """The decode count is traced: batches with other decode/prefill splits reuse the code."""
-    from tests.test_jax_sparse import MIXED_BATCHES, _same_shape_batches
+    from tests.test_jax_token import MIXED_BATCHES, _same_shape_batches
     spec = interop.SparseAttentionSpec(8, 2, topk_blocks=4)
     traces = []
 

@@ -8,17 +8,17 @@ import interop
 from interop.testing import make_topk, random_problem, relative_error
 from tests.compiled import run_without_interpreter
 from tests.device_reference import torch_reference
+from tests.helpers import TOL, torch_device, torch_run
+from tests.helpers import reference as _reference
+from tests.helpers import torch_inputs as _torch
 
 torch = pytest.importorskip("torch")
 import torch_sparse  # noqa: E402
 from torch_sparse import ops  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# bf16/fp16 queries and softmax weights rounded to the query dtype for the dot products. FP8
-# caches are compared with a reference on the same FP8 values, which both e4m3 and e5m2 hold
-# exactly in bf16 and fp16, and the scales are applied in fp32: the same bound holds.
-TOL = 1e-2
-# (kv_cache_dtype, layout, scale_mode, query dtype)
+DEVICE = torch_device()
+# (kv_cache_dtype, layout, scale_mode, query dtype): every cache dtype in both layouts, each
+# scale mode with both FP8 formats, both query dtypes.
 CACHES = [
     ("auto", "NHD", "none", "bfloat16"),
     ("auto", "HND", "none", "bfloat16"),
@@ -30,36 +30,17 @@ CACHES = [
     ("fp8_e5m2", "HND", "none", "float16"),
     ("fp8_e5m2", "NHD", "scalar", "bfloat16"),
     ("fp8_e5m2", "HND", "per_slot", "bfloat16"),
+    ("float16", "HND", "none", "float16"),
 ]
 # (num_heads, num_kv_heads): GQA 4 and 16; 2 q heads per kv head exercises group < 16 padding.
 GQA = [(8, 2), (16, 1)]
 
 
 def _mixed(decode_query_len):
-    """Three decodes then prefills with and without context (positions up to 599)."""
+    """Three decodes (one at a block edge) then prefills with context (positions 118..129,
+    across a block edge) and without (0..4)."""
     lens = decode_query_len
-    return [lens, lens, lens, 20, 40], [300, 129 + lens, 600, 20, 300]
-
-
-def _torch(problem, device=DEVICE):
-    """The problem's inputs as PyTorch tensors (cache: the logical view)."""
-    def scale(s):
-        return torch.from_numpy(s).to(device) if isinstance(s, np.ndarray) else s
-    return dict(
-        query=interop.to_torch(problem.query, device),
-        kv_cache=interop.kv_cache_to_torch(problem.kv_cache, problem.spec).to(device),
-        topk=interop.to_torch(problem.topk_indices, device),
-        metadata=interop.to_torch(problem.metadata, device),
-        k_scale=scale(problem.k_scale),
-        v_scale=scale(problem.v_scale),
-    )
-
-
-def _reference(problem, topk=None, metadata=None):
-    return interop.reference_attention(
-        problem.spec, problem.query, problem.kv_cache,
-        problem.topk_indices if topk is None else topk,
-        problem.metadata if metadata is None else metadata, problem.k_scale, problem.v_scale)
+    return [lens, lens, lens, 12, 5], [300, 129 + lens, 600, 130, 5]
 
 
 def _device_reference(problem):
@@ -76,15 +57,7 @@ def _assert_close(out, ref, case, rows=None):
     assert err < TOL, f"{case}: relative error {err:.3e} (limit {TOL})"
 
 
-def _run_sparse_attention(problem, impl=None, prefill_algorithm="auto", **overrides):
-    t = {**_torch(problem), **overrides}
-    out = torch.full_like(t["query"], float("nan"))  # an unwritten element fails
-    result = torch_sparse.sparse_attention(problem.spec, t["query"], t["kv_cache"], t["topk"],
-                                           t["metadata"], out, k_scale=t["k_scale"],
-                                           v_scale=t["v_scale"], impl=impl,
-                                           prefill_algorithm=prefill_algorithm)
-    assert result is out
-    return out
+_run_sparse_attention = torch_run
 
 
 def _spec(heads=(8, 2), cache="auto", layout="NHD", topk=4):
@@ -94,13 +67,19 @@ def _spec(heads=(8, 2), cache="auto", layout="NHD", topk=4):
 
 # --- the mixed batch through the kernels -------------------------------------------------------
 
-@pytest.mark.parametrize("decode_query_len", [1, 2])
-@pytest.mark.parametrize("heads", GQA, ids=lambda h: f"{h[0]}q{h[1]}kv")
-@pytest.mark.parametrize("cache,layout,scale_mode,qdtype", CACHES,
-                         ids=lambda c: str(c))
-def test_sparse_attention_matches_reference(rng, cache, layout, scale_mode, qdtype, heads,
-                                            decode_query_len):
+# Each cache row once, the GQA shapes, speculative decodes (L = 2) and the split-K counts
+# taking turns: every (cache dtype, layout, scale mode, query dtype) runs, with both GQA groups,
+# both decode lengths and 1, 2 and 4 splits of the top-k row (4: a split per entry) across the
+# list. (The launcher picks the splits from the shapes; a small batch would always get 4.)
+MIXED_CASES = [(*c, GQA[i % 2], 1 + (i // 2) % 2, (1, 2, 4)[i % 3]) for i, c in enumerate(CACHES)]
+
+
+@pytest.mark.parametrize("cache,layout,scale_mode,qdtype,heads,decode_query_len,splits",
+                         MIXED_CASES, ids=lambda c: str(c))
+def test_sparse_attention_matches_reference(rng, monkeypatch, cache, layout, scale_mode, qdtype,
+                                            heads, decode_query_len, splits):
     """Scattered sentinels, future blocks, empty rows and two padding tokens in every case."""
+    monkeypatch.setattr(torch_sparse.attention, "num_splits_for", lambda *shapes: splits)
     spec = _spec(heads, cache, layout)
     query_lens, seq_lens = _mixed(decode_query_len)
     problem = random_problem(spec, query_lens, seq_lens, rng, decode_query_len=decode_query_len,
@@ -109,11 +88,22 @@ def test_sparse_attention_matches_reference(rng, cache, layout, scale_mode, qdty
                              empty_fraction=0.1)
     out = _run_sparse_attention(problem)
     case = f"{cache}/{layout}/{scale_mode}/{qdtype} heads={heads} L={decode_query_len}"
-    _assert_close(out, _reference(problem), case)
+    _assert_close(out, _reference(problem), f"{case} splits={splits}")
     assert not out[-2:].float().abs().sum(), f"{case}: padding tokens must get zeros"
 
 
-@pytest.mark.parametrize("selection", ["clean", "scatter", "future", "empty", "all_empty"])
+def test_num_splits_for():
+    """Split-K from shapes: a power of two, at most the top-k width and MAX_SPLITS, one split
+    once the grid alone has TARGET_PROGRAMS programs."""
+    splits = torch_sparse.attention.num_splits_for
+    target = torch_sparse.attention.TARGET_PROGRAMS
+    assert splits(target, 1, 16) == 1 and splits(target // 2, 2, 16) == 1
+    assert splits(target // 4, 1, 16) == 4 and splits(target // 6, 1, 16) == 4
+    assert splits(1, 1, 16) == min(16, torch_sparse.attention.MAX_SPLITS)
+    assert splits(1, 1, 6) == 4 and splits(3, 2, 1) == 1
+
+
+@pytest.mark.parametrize("selection", ["clean", "future", "empty", "all_empty"])
 def test_selection_kinds(rng, selection):
     kwargs = {"clean": {}, "scatter": dict(scatter=True),
               "future": dict(future_fraction=1.0, scatter=True),
@@ -129,13 +119,14 @@ def test_selection_kinds(rng, selection):
 
 @pytest.mark.parametrize("decode_query_len", [1, 2, 3])
 def test_decode_entry_point(rng, decode_query_len):
-    """The seed's decode call; 4 requests x 2 heads uses several split-K chunks and the merge."""
-    spec = _spec(topk=8)
+    """The seed's decode call; 3 requests x 2 heads: split-K (one top-k entry a split) and the
+    merge in the same launch."""
+    spec = _spec(topk=4)
     lens = decode_query_len
-    problem = random_problem(spec, [lens] * 4, [130, 600, 257, lens + 3], rng,
+    problem = random_problem(spec, [lens] * 3, [130, 600, lens + 3], rng,
                              decode_query_len=lens, scatter=True, future_fraction=0.2,
                              empty_fraction=0.1)
-    assert torch_sparse.attention.num_splits_for(4 * lens, 2, 8) > 1
+    assert torch_sparse.attention.num_splits_for(3 * lens, 2, 4) > 1
     t = _torch(problem)
     md = t["metadata"]
     out = torch.full_like(t["query"], float("nan"))
@@ -187,7 +178,7 @@ def _compile_decode_for_sm90():
 def test_decode_merge_synchronises_on_sm90():
     """Compiled (not interpreted), in a child process: the split programs publish their
     partials with a CTA barrier and a gpu-scope acq_rel arrival counter, which is reset."""
-    lines = run_without_interpreter("test_torch_sparse", "_compile_decode_for_sm90")
+    lines = run_without_interpreter("test_torch_token", "_compile_decode_for_sm90")
     atomics = [line for line in lines if "atom." in line]
     assert any("atom.global.gpu.acq_rel.add" in line for line in atomics), lines
     assert any(".exch" in line for line in atomics), f"counter never reset: {atomics}"
@@ -198,7 +189,7 @@ def test_decode_merge_synchronises_on_sm90():
 def test_prefill_entry_point(rng, layout):
     """The seed's prefill call on a prefill-only batch (with and without context)."""
     spec = _spec(layout=layout)
-    problem = random_problem(spec, [30, 20, 45], [30, 400, 170], rng, scatter=True)
+    problem = random_problem(spec, [9, 6, 8], [9, 400, 132], rng, scatter=True)
     t = _torch(problem)
     pre = t["metadata"].prefill
     out = torch.full_like(t["query"], float("nan"))

@@ -9,7 +9,7 @@ against a float32 reference computed on the device by gathering only the selecte
 float64 reference would need the whole cache in host memory). write_kv is checked at slots on
 the same pages.
 
-    python -m pytest -q -m large tests/test_large_cache.py       # about 2 min on an H100
+    python -m pytest -q -m large tests/test_parity_large_cache.py       # about 2 min on an H100
     bash tests/sanitize_large_cache.sh      # the PyTorch half under compute-sanitizer (about 30 s)
 """
 import inspect

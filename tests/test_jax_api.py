@@ -1,0 +1,86 @@
+"""jax_sparse's public surface (issue 20): allocating a cache, the implementations' knobs,
+and `sparse_attention` under an outer `jax.jit`."""
+import numpy as np
+import pytest
+
+import interop
+from interop.testing import random_problem, relative_error
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+import jax_sparse  # noqa: E402
+
+TOL = 1e-2
+QUERY_LENS, SEQ_LENS = [1, 1, 12], [300, 129, 140]
+
+
+def _problem(rng, cache="auto", layout="NHD", scale_mode="none"):
+    spec = interop.SparseAttentionSpec(8, 2, topk_blocks=8, kv_cache_dtype=cache,
+                                       kv_cache_layout=layout)
+    return random_problem(spec, QUERY_LENS, SEQ_LENS, rng, scale_mode=scale_mode,
+                          num_tokens=16, scatter=True)
+
+
+# --- allocate_kv_cache -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cache, dtype, storage", [
+    ("auto", None, "bfloat16"), ("auto", "float16", "float16"), ("auto", jnp.float16, "float16"),
+    ("float16", "bfloat16", "float16"), ("fp8_e4m3", None, "float8_e4m3fn"),
+    ("fp8_e5m2", "float16", "float8_e5m2")])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_allocate_kv_cache_layout_dtype_and_zeros(cache, dtype, storage, layout):
+    spec = interop.SparseAttentionSpec(8, 2, kv_cache_dtype=cache, kv_cache_layout=layout)
+    out = jax_sparse.allocate_kv_cache(spec, 5, dtype=dtype)
+    assert out.shape == spec.physical_kv_cache_shape(5), out.shape
+    assert jnp.dtype(out.dtype).name == storage, out.dtype
+    assert not np.asarray(out.astype(jnp.float32)).any(), "not zero-filled"
+
+
+def test_allocate_kv_cache_fill_device_and_errors():
+    spec = interop.SparseAttentionSpec(8, 2, kv_cache_dtype="fp8_e4m3")
+    full = np.asarray(jax_sparse.allocate_kv_cache(spec, 2, fill=1e9).astype(jnp.float32))
+    assert (full == interop.FP8_MAX["float8_e4m3fn"]).all(), "FP8 fill not saturated"
+    nan = np.asarray(jax_sparse.allocate_kv_cache(spec, 2, fill=np.nan).astype(jnp.float32))
+    assert np.isnan(nan).all(), "NaN fill lost"
+    device = jax.devices()[1]
+    assert jax_sparse.allocate_kv_cache(spec, 2, device=device).devices() == {device}
+    mesh = Mesh(np.array(jax.devices()[:2]).reshape(2, 1), ("dp", "tp"))
+    sharding = jax_sparse.kv_cache_sharding(mesh, spec)
+    assert jax_sparse.allocate_kv_cache(spec, 4, device=sharding).sharding == sharding
+    with pytest.raises(TypeError, match=r"dtype float32 is not a query dtype"):
+        jax_sparse.allocate_kv_cache(spec, 2, dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"num_blocks must be an int >= 1, got 0"):
+        jax_sparse.allocate_kv_cache(spec, 0)
+
+
+def test_allocated_cache_written_then_read(rng):
+    """write_kv into a fresh cache, then attention over what it wrote (the unwritten slots
+    are zeros, never read)."""
+    problem = _problem(rng, "fp8_e4m3", "HND", "per_slot")
+    spec, md = problem.spec, problem.metadata
+    cache = jax_sparse.allocate_kv_cache(spec, problem.kv_cache.shape[0])
+    # Fill every slot the batch may attend: the context through its own slots, then the batch.
+    num_slots = problem.kv_cache.shape[0] * spec.block_size
+    context = np.asarray(problem.kv_cache)
+    slots = np.arange(num_slots)
+    if spec.kv_cache_layout == "HND":
+        kv = np.swapaxes(context, 2, 3)
+    else:
+        kv = context
+    k_ctx = kv[:, 0].reshape(num_slots, spec.num_kv_heads, spec.head_size).astype(np.float32)
+    v_ctx = kv[:, 1].reshape(num_slots, spec.num_kv_heads, spec.head_size).astype(np.float32)
+    ones = jnp.ones((spec.num_kv_heads, num_slots), jnp.float32)
+    cache = jax_sparse.write_kv(cache, jnp.asarray(k_ctx, jnp.bfloat16),
+                                jnp.asarray(v_ctx, jnp.bfloat16), slots, spec, ones, ones)
+    assert np.array_equal(np.asarray(cache.astype(jnp.float32)),
+                          np.asarray(problem.kv_cache).astype(np.float32)), "cache differs"
+    k_scale, v_scale = (jnp.asarray(s) for s in (problem.k_scale, problem.v_scale))
+    out = jax_sparse.sparse_attention(spec, jnp.asarray(problem.query), cache,
+                                      jnp.asarray(problem.topk_indices), interop.to_jax(md),
+                                      k_scale=k_scale, v_scale=v_scale, implementation="xla")
+    ref = interop.reference_attention(spec, problem.query, problem.kv_cache,
+                                      problem.topk_indices, md, problem.k_scale,
+                                      problem.v_scale)
+    assert relative_error(out, ref) < TOL
