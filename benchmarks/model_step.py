@@ -37,7 +37,7 @@ What runs:
 - Per-layer time = step time / N. Bytes per layer: the K/V bytes of the valid selected pages
   (batch x KV heads x 16 x 2 x block x head x itemsize) plus the query and output.
 - Checks, every config: outputs poisoned with NaN first; layer 0 and layer N-1 of the graph
-  against the float32 device reference (`torch_sparse.reference`), the seed call's graph and
+  against the float32 device reference (`torch_sparse.eager`), the seed call's graph and
   the JAX step against the graph of `sparse_attention` on every layer. An error > 1e-2 is
   marked '!'.
 
@@ -170,11 +170,11 @@ class Batch:
 
     def reference(self, layer):
         """float32 [batch, heads, head] on the device: gathers of the selected pages only."""
-        from torch_sparse.reference import sparse_attention_reference
+        from torch_sparse.eager import sparse_attention_eager
         ref = torch.empty(self.q[layer].shape, dtype=torch.float32, device=self.q[layer].device)
-        sparse_attention_reference(self.q[layer], self.caches[layer], self.topk[layer],
-                                   self.t_md.block_table, self.t_md.token_to_req,
-                                   self.t_md.token_positions, ref, self.spec.scale)
+        sparse_attention_eager(self.q[layer], self.caches[layer], self.topk[layer],
+                               self.t_md.block_table, self.t_md.token_to_req,
+                               self.t_md.token_positions, ref, self.spec.scale)
         return ref
 
 

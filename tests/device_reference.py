@@ -9,7 +9,7 @@ arrays), so a test swaps one for the other:
 - `jax_reference`: written here with `jax.numpy` straight from CONTRACT.md section 2 (no
   kernel code, no `jax_sparse` helper); it imports neither front end, so JAX-only test files
   use it.
-- `torch_reference`: the pure-PyTorch path `torch_sparse.reference.sparse_attention_reference`
+- `torch_reference`: the pure-PyTorch path `torch_sparse.eager.sparse_attention_eager`
   (float32 gathers, no Triton) with a float32 output, for the PyTorch test files.
 
 tests/test_interop_device_reference.py checks both against the float64 reference on CPU cases (messy
@@ -143,7 +143,7 @@ def torch_reference(spec, query, kv_cache, topk_indices, metadata, k_scale=None,
     """
     import torch
 
-    from torch_sparse.reference import sparse_attention_reference
+    from torch_sparse.eager import sparse_attention_eager
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if not isinstance(kv_cache, torch.Tensor):
@@ -161,9 +161,9 @@ def torch_reference(spec, query, kv_cache, topk_indices, metadata, k_scale=None,
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False  # this is the reference
     try:
-        sparse_attention_reference(query, kv_cache, tensor(topk_indices),
-                                   tensor(metadata.block_table), tensor(metadata.token_to_req),
-                                   tensor(metadata.token_positions), out, spec.scale, *scales)
+        sparse_attention_eager(query, kv_cache, tensor(topk_indices),
+                               tensor(metadata.block_table), tensor(metadata.token_to_req),
+                               tensor(metadata.token_positions), out, spec.scale, *scales)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     return out.cpu().numpy()

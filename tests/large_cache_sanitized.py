@@ -15,7 +15,7 @@ import torch
 import interop
 import torch_sparse
 from interop.testing import relative_error
-from torch_sparse.reference import sparse_attention_reference
+from torch_sparse.eager import sparse_attention_eager
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_parity_large_cache import HEADS, TOL, _batch, _fill_torch  # noqa: E402
@@ -32,8 +32,8 @@ def main() -> int:
         query = torch.randn((md.num_tokens, HEADS[0], 128), device="cuda").to(torch.bfloat16)
         topk = torch.as_tensor(topk, device="cuda")
         ref = torch.empty(query.shape, device="cuda")
-        sparse_attention_reference(query, view, topk, tmd.block_table, tmd.token_to_req,
-                                   tmd.token_positions, ref, spec.scale)
+        sparse_attention_eager(query, view, topk, tmd.block_table, tmd.token_to_req,
+                               tmd.token_positions, ref, spec.scale)
         ref = ref.cpu().numpy()
         for algorithm in interop.PREFILL_ALGORITHMS:
             out = torch.full_like(query, float("nan"))

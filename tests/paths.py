@@ -62,8 +62,8 @@ def _torch_record(impl, path):
     def record(*args, **kwargs):
         cache = args[1] if path != "write_kv" else args[0]  # the logical view
         layout = "HND" if cache.stride(3) > cache.stride(2) else "NHD"
-        if impl == "reference" or cache.device.type != "cuda":
-            mode = "interpreted" if interpreted and impl != "reference" else "compiled"
+        if impl == "eager" or cache.device.type != "cuda":
+            mode = "interpreted" if interpreted and impl != "eager" else "compiled"
         else:
             mode = "compiled"
         return ("torch", impl, path, _short(cache.dtype), layout, mode)
@@ -73,7 +73,7 @@ def _torch_record(impl, path):
 def _install_torch() -> None:
     try:
         import torch_sparse  # noqa: F401
-        from torch_sparse import attention, cache, k2q, reference, union
+        from torch_sparse import attention, cache, eager, k2q, union
     except ImportError:
         return
     for module, name, impl, path in [
@@ -81,8 +81,8 @@ def _install_torch() -> None:
             (union, "launch_union", "triton", "union"),
             (k2q, "launch_k2q", "triton", "k2q"),
             (cache, "launch_write_kv", "triton", "write_kv"),
-            (reference, "sparse_attention_reference", "reference", "token"),
-            (reference, "write_kv_reference", "reference", "write_kv")]:
+            (eager, "sparse_attention_eager", "eager", "token"),
+            (eager, "write_kv_eager", "eager", "write_kv")]:
         _wrap_everywhere("torch_sparse", module, name, _torch_record(impl, path))
 
 

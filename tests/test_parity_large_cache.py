@@ -26,7 +26,7 @@ jnp = jax.numpy
 
 import jax_sparse  # noqa: E402
 import torch_sparse  # noqa: E402
-from torch_sparse.reference import sparse_attention_reference  # noqa: E402
+from torch_sparse.eager import sparse_attention_eager  # noqa: E402
 
 pytestmark = [pytest.mark.gpu, pytest.mark.large,
               pytest.mark.skipif(not torch.cuda.is_available()
@@ -141,8 +141,8 @@ def test_large_cache(cache, num_pages, layout, owner):
         v_scale = torch.rand(slots, device="cuda") + 0.5
 
     ref = torch.empty((n, HEADS[0], 128), dtype=torch.float32, device="cuda")
-    sparse_attention_reference(query, view, topk_t, tmd.block_table, tmd.token_to_req,
-                               tmd.token_positions, ref, spec.scale, k_scale, v_scale)
+    sparse_attention_eager(query, view, topk_t, tmd.block_table, tmd.token_to_req,
+                           tmd.token_positions, ref, spec.scale, k_scale, v_scale)
     ref = ref.cpu().numpy()
     assert np.abs(ref).sum() > 0
     label = f"{cache} {num_pages} pages {layout} owned by {owner}"

@@ -19,13 +19,13 @@ from .helpers import tile_neighbours
 torch = pytest.importorskip("torch")
 import torch_sparse  # noqa: E402
 from torch_sparse import attention, dispatch, ops  # noqa: E402
-from torch_sparse import reference as eager  # noqa: E402
+from torch_sparse import eager  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = 1e-2  # as tests/test_torch_sparse.py: 16-bit dot operands
 # (impl, prefill_algorithm): every path of sparse_attention.
 PATHS = [("triton", "token"), ("triton", "union"), ("triton", "k2q"), ("triton", "auto"),
-         ("reference", "auto")]
+         ("eager", "auto")]
 # Two decodes (split-K), a prefill with context crossing position 128, one from position 0,
 # two padding tokens.
 QUERY_LENS, SEQ_LENS = [1, 1, 20, 13], [300, 129, 140, 13]
@@ -68,17 +68,17 @@ def _every_path(problem, monkeypatch, paths=PATHS):
         out = torch.full_like(t["query"], float("nan"))
         torch_sparse.sparse_attention(problem.spec, t["query"], t["kv_cache"], t["topk"],
                                       t["metadata"], out, k_scale=t["k_scale"],
-                                      v_scale=t["v_scale"], impl=impl,
+                                      v_scale=t["v_scale"], implementation=impl,
                                       prefill_algorithm=algorithm)
         outs[f"{impl}/{algorithm}"] = out.double().cpu().numpy()
     md = t["metadata"]
     nd = md.num_decode_tokens
-    for impl in ("triton", "reference"):
+    for impl in ("triton", "eager"):
         out = torch.full_like(t["query"][:nd], float("nan"))
         torch_sparse.minimax_m3_sparse_attn_decode(
             t["query"][:nd], t["kv_cache"], t["topk"][:, :nd], md.decode.block_table,
             md.decode.seq_lens, problem.spec.num_kv_heads, problem.spec.scale, out,
-            md.decode_query_len, t["k_scale"], t["v_scale"], impl=impl)
+            md.decode_query_len, t["k_scale"], t["v_scale"], implementation=impl)
         outs[f"{impl}/seed decode"] = out.double().cpu().numpy()
     return outs
 
@@ -219,7 +219,7 @@ def test_repeated_entries_in_wide_rows(rng, monkeypatch):
     report = interop.validate_topk(problem.topk_indices, problem.metadata)
     assert len(report.duplicates) == 3, "the test must repeat entries in every row"
     _assert_every_path_matches(problem, monkeypatch, "repeated entries, 72 wide",
-                               paths=[("triton", "token"), ("reference", "auto")])
+                               paths=[("triton", "token"), ("eager", "auto")])
 
 
 # --- R3 / R8: write_kv slots ------------------------------------------------------------------
@@ -231,7 +231,7 @@ def _write_args(rng, spec):
             interop.to_torch(problem.value, DEVICE), t["metadata"].slot_mapping.clone())
 
 
-@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("impl", ["triton", "eager"])
 def test_write_kv_slot_past_the_cache_raises_before_writing(rng, impl):
     spec = _spec(layout="HND")
     kv_cache, key, value, slots = _write_args(rng, spec)
@@ -240,11 +240,11 @@ def test_write_kv_slot_past_the_cache_raises_before_writing(rng, impl):
     slots[9] = num_slots
     before = kv_cache.clone()
     with pytest.raises(ValueError, match=rf"slot_mapping\[4\] = {num_slots + 7}.*token 4"):
-        torch_sparse.write_kv(kv_cache, key, value, slots, spec, impl=impl)
+        torch_sparse.write_kv(kv_cache, key, value, slots, spec, implementation=impl)
     assert torch.equal(kv_cache, before), f"{impl}: a failed write_kv changed the cache"
 
 
-@pytest.mark.parametrize("impl", ["triton", "reference"])
+@pytest.mark.parametrize("impl", ["triton", "eager"])
 def test_write_kv_padding_and_slot_mapping_length(rng, impl):
     """Negative slots (any negative value) are skipped; entries past num_tokens are ignored,
     whatever they hold (vLLM pads slot_mapping); a shorter slot_mapping is a ValueError."""
@@ -258,10 +258,10 @@ def test_write_kv_padding_and_slot_mapping_length(rng, impl):
         if slot >= 0:
             expected[slot // block_size, 0, slot % block_size] = key[t]
             expected[slot // block_size, 1, slot % block_size] = value[t]
-    torch_sparse.write_kv(kv_cache, key, value, padded, spec, impl=impl)
+    torch_sparse.write_kv(kv_cache, key, value, padded, spec, implementation=impl)
     assert torch.equal(kv_cache, expected), f"{impl}: padding or extra slots were written"
     with pytest.raises(ValueError, match="slot_mapping has 14 entries"):
-        torch_sparse.write_kv(kv_cache, key, value, slots[:14], spec, impl=impl)
+        torch_sparse.write_kv(kv_cache, key, value, slots[:14], spec, implementation=impl)
 
 
 @pytest.mark.parametrize("writer", ["triton kernel", "eager"])
@@ -279,7 +279,7 @@ def test_write_kv_never_writes_past_the_cache(rng, writer):
     slots[8] = -block_size                      # a slot of the guard page below, if followed
     inside = guarded[1:-1]
     if writer == "eager":
-        eager.write_kv_reference(inside, key, value, slots)
+        eager.write_kv_eager(inside, key, value, slots)
     else:
         from torch_sparse import cache
         cache.launch_write_kv(inside, key, value, slots)
@@ -311,15 +311,36 @@ def test_interpreted_flag_and_impl_without_a_gpu(rng, monkeypatch):
     if DEVICE == "cuda":
         return
     assert torch_sparse.INTERPRETED, "tests/conftest.py sets TRITON_INTERPRET=1 on a CPU"
-    assert torch_sparse.default_impl(torch.device("cpu")) == "triton"
+    assert torch_sparse.default_implementation("cpu") == "triton"
     monkeypatch.setattr(ops, "INTERPRETED", False)  # as if imported without TRITON_INTERPRET
-    assert torch_sparse.default_impl(torch.device("cpu")) == "reference"
+    assert torch_sparse.default_implementation("cpu") == "eager"
     problem = _problem(rng)
     t = _tensors(problem)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1 before importing torch_sparse.*"
-                                         "impl='reference'"):
+                                         "implementation='eager'"):
         torch_sparse.sparse_attention(problem.spec, t["query"], t["kv_cache"], t["topk"],
-                                      t["metadata"], impl="triton")
+                                      t["metadata"], implementation="triton")
+
+
+def test_deprecated_names(rng):
+    """The old vocabulary still works, with a DeprecationWarning: impl= (now implementation=),
+    the implementation name "reference" (now "eager"), IMPLS and default_impl()."""
+    problem = _problem(rng)
+    t = _tensors(problem)
+    args = (problem.spec, t["query"], t["kv_cache"], t["topk"], t["metadata"])
+    expected = torch_sparse.sparse_attention(*args, implementation="eager")
+    with pytest.warns(DeprecationWarning, match="'eager'"):
+        out = torch_sparse.sparse_attention(*args, implementation="reference")
+    assert torch.equal(out, expected)
+    with pytest.warns(DeprecationWarning, match="implementation="):
+        out = torch_sparse.sparse_attention(*args, impl="eager")
+    assert torch.equal(out, expected)
+    with pytest.raises(ValueError, match="disagree"), pytest.warns(DeprecationWarning):
+        torch_sparse.sparse_attention(*args, implementation="triton", impl="eager")
+    with pytest.warns(DeprecationWarning, match="IMPLEMENTATIONS"):
+        assert torch_sparse.IMPLS == torch_sparse.IMPLEMENTATIONS == ("triton", "eager")
+    with pytest.warns(DeprecationWarning, match="default_implementation"):
+        assert torch_sparse.default_impl("cpu") == torch_sparse.default_implementation("cpu")
 
 
 # --- R7: type mistakes and the other framework's arrays ---------------------------------------
@@ -423,3 +444,4 @@ def test_write_into_a_cache_jax_owns_is_in_place(rng, layout):
             page, offset = divmod(slot, spec.block_size)
             assert torch.equal(seen[page, 0, offset], key[t]), f"{layout}: JAX misses K of {t}"
             assert torch.equal(seen[page, 1, offset], value[t]), f"{layout}: JAX misses V of {t}"
+

@@ -11,21 +11,31 @@ shapes, so a CUDA graph can capture a decode.
 
 Safety: a top-k entry is followed only when it is a block the token may see, inside the
 block-table row, and its page lies inside the cache; every other entry is masked (its loads
-are predicated off), whatever value it holds. That rule has one home here, in Triton
-(`_visible_blocks`, `_entry_page`) and in PyTorch ops (`selected_pages`, for device-side plans).
+are predicated off), whatever value it holds. A repeated entry counts once, at its first
+occurrence in the row. That rule has two homes, one per language: in Triton
+(`triton_common.visible_blocks`, `triton_common.entry_page`, and `_first_occurrences` here)
+and in PyTorch ops in `selection.py` (the device-side plans and the eager path).
 
-Shared with the prefill paths (`union.py`, `k2q.py`): `_attend_block`, the online-softmax
-step over one block with a per-row key mask, and `_fp16_rows`, the FP8 query scaling. A
-token mask lets the dispatcher (`dispatch.py`) leave rows to those paths; without one the
-compiled kernel is what it was before the mask existed.
+Garbage in (contract 5): a row's "attended a key" is tracked apart from the softmax sum, so a
+non-finite query row that attends a key comes out NaN (and zeros when it attends none), and
+a split's NaN log-sum-exp makes the merged row NaN (`triton_common.finish_rows`). Every row
+of a program attends the same keys, which are the only ones loaded, so no other key's V
+reaches an output.
+
+The online-softmax step over one block (`triton_common.attend_block`) and the FP8 query
+scaling are shared with the prefill paths (`union.py`, `k2q.py`). A token mask lets the
+dispatcher (`dispatch.py`) leave rows to those paths; without one the compiled kernel is what
+it was before the mask existed.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .triton_common import (INTERPRETED, LOG2_E, attend_block, dot_dtype, entry_page,
+                            finish_rows, fp16_rows, repeated_entries, scale_args,
+                            visible_blocks)
 
 # Split-K sizing: aim for this many programs, never more splits than this (each split then
 # still attends whole blocks) nor than the top-k width.
@@ -33,64 +43,9 @@ TARGET_PROGRAMS = 256
 MAX_SPLITS = 16
 NUM_WARPS = 4
 NUM_STAGES = 2
-LOG2_E = 1.4426950408889634
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Split-K arrival counters, one int32 per (token, KV head), per (device, stream); see
 # `_arrival_counters`.
 _COUNTERS: dict = {}
-
-
-def selected_pages(topk: torch.Tensor, block_table: torch.Tensor, token_to_req: torch.Tensor,
-                   token_positions: torch.Tensor, num_blocks: int, block_size: int,
-                   token_mask: torch.Tensor | None = None):
-    """The entry-validation rule in PyTorch ops (the kernels' `_visible_blocks` + `_entry_page`).
-
-    topk: [num_kv_heads, n, topk] logical blocks of tokens with token_to_req / token_positions
-    [n]; block_table: [num_reqs, max_blocks]; token_mask: optional bool [n] (False: the token
-    selects nothing). Returns (valid, block, page), each [num_kv_heads, n, topk]: valid (bool)
-    when the token is live (position >= 0, request in range), 0 <= block <= position //
-    block_size, block < max_blocks, its page lies in [0, num_blocks) and no earlier entry of
-    the row holds the same block (a repeat counts once); block and page are int64, 0 where
-    invalid.
-    """
-    num_reqs, max_blocks = block_table.shape
-    req = token_to_req.long()
-    pos = token_positions.long()
-    live = (pos >= 0) & (req >= 0) & (req < num_reqs)
-    if token_mask is not None:
-        live &= token_mask
-    limit = torch.where(live, torch.clamp(pos // block_size + 1, max=max_blocks), 0)
-    block = topk.long()
-    width = block.shape[-1]
-    earlier = torch.ones(width, width, dtype=torch.bool, device=block.device).tril(-1)
-    repeat = ((block[..., :, None] == block[..., None, :]) & earlier).any(-1)
-    valid = (block >= 0) & (block < limit[None, :, None]) & ~repeat
-    block = torch.where(valid, block, 0)
-    page = block_table[torch.where(live, req, 0)[None, :, None], block].long()
-    valid &= (page >= 0) & (page < num_blocks)
-    return valid, block, torch.where(valid, page, 0)
-
-
-@triton.jit
-def _visible_blocks(req, pos, num_reqs, max_blocks, BLOCK_SIZE: tl.constexpr):
-    """(request row, blocks the token may see in it): a token is live when pos >= 0 and
-    0 <= req < num_reqs; a dead token sees no block (and reads row 0)."""
-    live = (pos >= 0) & (req >= 0) & (req < num_reqs)
-    limit = tl.minimum(tl.where(live, pos // BLOCK_SIZE + 1, 0), max_blocks)
-    return tl.where(live, req, 0).to(tl.int64), limit
-
-
-@triton.jit
-def _entry_page(block, limit, req, block_table_ptr, stride_bt, num_blocks):
-    """(valid, block, page) of a top-k entry: valid when 0 <= block < limit and the page the
-    block table gives lies inside the cache; block and page are 0 where invalid (the table is
-    read only for an entry inside the row)."""
-    valid = (block >= 0) & (block < limit)
-    block = tl.where(valid, block, 0)
-    page = tl.load(block_table_ptr + req * stride_bt + block, mask=valid, other=0)
-    valid = valid & (page >= 0) & (page < num_blocks)
-    return valid, block, tl.where(valid, page, 0)
 
 
 @triton.jit
@@ -102,9 +57,8 @@ def _first_occurrences(row_ptr, stride_kk, TOPK: tl.constexpr, TOPK_PAD: tl.cons
     (two small reductions; nothing is added to the loop over blocks)."""
     offs = tl.arange(0, TOPK_PAD)
     row = tl.load(row_ptr + offs * stride_kk, mask=offs < TOPK, other=-1)
-    repeated = tl.max(tl.where((row[:, None] == row[None, :]) & (offs[None, :] < offs[:, None]),
-                               1, 0), 1)
-    return tl.sum(tl.where(repeated > 0, 0, tl.full([TOPK_PAD], 1, tl.int64) << offs), 0)
+    first = ~repeated_entries(row, offs)
+    return tl.sum(tl.where(first, tl.full([TOPK_PAD], 1, tl.int64) << offs, 0), 0)
 
 
 @triton.jit
@@ -117,72 +71,6 @@ def _repeats_earlier(entry, row_ptr, j, stride_kk, TOPK: tl.constexpr):
         prior = tl.load(row_ptr + k * stride_kk, mask=earlier, other=0)
         repeated = repeated | (earlier & (prior == entry))
     return repeated
-
-
-@triton.jit
-def _finish_rows(acc, l_i, seen):
-    """(output rows, l) from the online-softmax state: acc / l where the row attended a key
-    (`seen`), zeros where it attended none. `seen` is tracked apart from l (contract 5): a
-    non-finite query row that attends a key has NaN scores (or +-inf ones) at its keys, so l is
-    NaN (inf - inf) or 0 (every score -inf), and `l > 0` would read either as "nothing
-    attended". A row that attended keys with l = 0 met only non-finite inputs: its l becomes
-    NaN, so the row is NaN (as 0 / 0 in the reference), and so is a split's log-sum-exp."""
-    l_i = tl.where(l_i == 0.0, float("nan"), l_i)
-    out = acc / tl.where(seen, l_i, 1.0)[:, None]
-    return tl.where(seen[:, None], out, 0.0), l_i
-
-
-@triton.jit
-def _fp16_rows(q, qk_scale):
-    """FP8 caches compute in float16: scale each query row by (about) a power of two so its
-    largest magnitude lies near 2^14 (no overflow; bfloat16's 8 significant bits fit in
-    float16's 11). Returns (float16 rows, per-row score scale qk_scale / row scale)."""
-    qf = q.to(tl.float32)
-    amax = tl.max(tl.abs(qf), 1)
-    shift = 14.0 - tl.floor(tl.log2(tl.where(amax > 0, amax, 16384.0)))  # zero row: 0
-    q_scale = tl.exp2(tl.minimum(tl.maximum(shift, -120.0), 100.0))
-    return (qf * q_scale[:, None]).to(tl.float16), qk_scale / q_scale
-
-
-@triton.jit
-def _attend_block(acc, m_i, l_i, q, kv_ptr, k_scale_ptr, v_scale_ptr, page, load_mask,
-                  score_mask, offs_n, offs_d, stride_tok, stride_kv, ks_slot, vs_slot, qk_scale,
-                  BLOCK_SIZE: tl.constexpr, HAS_K_SCALE: tl.constexpr,
-                  HAS_V_SCALE: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Online-softmax update of (acc, m_i, l_i) [rows, ...] with one selected block.
-
-    kv_ptr points at K[page, :, kv_head, :] (V is `stride_kv` further); the scale pointers at
-    the KV head's row. load_mask [BLOCK_SIZE]: the keys any row attends (no other key is
-    read); score_mask [1 or rows, BLOCK_SIZE]: the keys each row attends (inside load_mask).
-    q is in the compute dtype (the query's; float16 for an FP8 cache) and qk_scale is one
-    factor per row. DOT_DTYPE is q's dtype when compiled; float32 under the interpreter, whose
-    16-bit float dot would multiply bit patterns (operands are rounded to q's dtype first).
-    Keys outside load_mask read as 0, so a slot no row attends never shows. Where rows attend
-    different loaded keys (a union tile), a non-finite V value of a key one row attends also
-    reaches the tile's other rows (p = 0 times NaN): README, "Bad input". Scrubbing V of
-    non-finite values here cost the union kernel 1.75x on the H200 (64/4, 16k rho0.87: 123
-    against 212 TFLOP/s), so it is not done.
-    """
-    tile = offs_n[:, None].to(tl.int64) * stride_tok + offs_d[None, :]
-    # FP8 values are exact in float16 (one conversion instruction per pair; to bfloat16 takes
-    # several): dequantize by conversion, scale in fp32.
-    k = tl.load(kv_ptr + tile, mask=load_mask[:, None], other=0.0).to(q.dtype)
-    v = tl.load(kv_ptr + stride_kv + tile, mask=load_mask[:, None], other=0.0).to(q.dtype)
-    scores = tl.dot(q.to(DOT_DTYPE), tl.trans(k.to(DOT_DTYPE))) * qk_scale[:, None]
-    slot = page.to(tl.int64) * BLOCK_SIZE + offs_n
-    if HAS_K_SCALE:
-        scores *= tl.load(k_scale_ptr + slot * ks_slot, mask=load_mask, other=0.0)[None, :]
-    scores = tl.where(score_mask, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, 1))
-    # A row that has seen no key yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(scores - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if HAS_V_SCALE:
-        p *= tl.load(v_scale_ptr + slot * vs_slot, mask=load_mask, other=0.0)[None, :]
-    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype).to(DOT_DTYPE), v.to(DOT_DTYPE))
-    return acc, m_new, l_i
 
 
 @triton.jit
@@ -234,7 +122,8 @@ def _sparse_attn_kernel(
         ks_head, ks_slot, vs_head, vs_slot,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TOPK: tl.constexpr, TOPK_PAD: tl.constexpr,
-        NUM_SPLITS: tl.constexpr, CHUNK: tl.constexpr, DECODE_QUERY_LEN: tl.constexpr, HAS_TOKEN_MASK: tl.constexpr,
+        NUM_SPLITS: tl.constexpr, CHUNK: tl.constexpr, DECODE_QUERY_LEN: tl.constexpr,
+        HAS_TOKEN_MASK: tl.constexpr,
         HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, FP16_COMPUTE: tl.constexpr,
         DOT_DTYPE: tl.constexpr):
     """Grid (num_tokens, num_kv_heads, NUM_SPLITS).
@@ -261,7 +150,7 @@ def _sparse_attn_kernel(
         else:
             req = tl.load(token_to_req_ptr + t)
             pos = tl.load(positions_ptr + t)
-        req, limit = _visible_blocks(req, pos, num_reqs, max_blocks, BLOCK_SIZE)
+        req, limit = visible_blocks(req, pos, num_reqs, max_blocks, BLOCK_SIZE)
 
         offs_h = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, HEAD_SIZE)
@@ -273,7 +162,7 @@ def _sparse_attn_kernel(
                     mask=head_mask[:, None], other=0.0)
         row_scale = tl.full([GROUP_PAD], qk_scale, tl.float32)
         if FP16_COMPUTE:
-            q, row_scale = _fp16_rows(q, row_scale)
+            q, row_scale = fp16_rows(q, row_scale)
 
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -291,13 +180,13 @@ def _sparse_attn_kernel(
                 entry = tl.where(((first >> j) & 1) != 0, entry, -1)
             else:
                 entry = tl.where(_repeats_earlier(entry, row, j, stride_kk, TOPK), -1, entry)
-            valid, block, page = _entry_page(entry, limit, req, block_table_ptr, stride_bt,
+            valid, block, page = entry_page(entry, limit, req, block_table_ptr, stride_bt,
                                              num_blocks)
             # Keys up to `pos` of a valid block (one comparison: the interpreter turns a
             # scalar & vector of bools into ints). A valid block holds key `pos` or older.
             key_mask = offs_n <= tl.where(valid, pos - block * BLOCK_SIZE, -1)
             seen = tl.maximum(seen, valid.to(tl.int32))
-            acc, m_i, l_i = _attend_block(
+            acc, m_i, l_i = attend_block(
                 acc, m_i, l_i, q, head_base + page.to(tl.int64) * stride_blk,
                 k_scale_ptr + kv_head * ks_head, v_scale_ptr + kv_head * vs_head, page,
                 key_mask, key_mask[None, :], offs_n, offs_d, stride_tok, stride_kv, ks_slot,
@@ -306,7 +195,7 @@ def _sparse_attn_kernel(
         # No valid entry: the output is zeros and the partial's log-sum-exp is -inf; a
         # non-finite query row that attends a key: NaN (and a NaN log-sum-exp).
         attended = seen > 0
-        out, l_i = _finish_rows(acc, l_i, attended)
+        out, l_i = finish_rows(acc, l_i, attended)
         tl.store(out_ptr + split * stride_os + t64 * stride_ot + head[:, None] * stride_oh
                  + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=head_mask[:, None])
         if NUM_SPLITS > 1:
@@ -343,15 +232,6 @@ def _arrival_counters(device: torch.device, count: int) -> torch.Tensor:
         counters = torch.zeros(max(count, 1024), dtype=torch.int32, device=device)
         _COUNTERS[key] = counters
     return counters
-
-
-def _scale_args(scale: torch.Tensor | None, fallback: torch.Tensor):
-    """(pointer tensor, head stride, slot stride): a scalar reads one element for every slot."""
-    if scale is None:
-        return fallback, 0, 0
-    if scale.dim() == 2:
-        return scale, scale.stride(0), scale.stride(1)
-    return scale, 0, 0
 
 
 def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
@@ -400,8 +280,8 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
         part_strides = part.stride()[:3]
         lse_strides = lse.stride()[:2]
     fp8 = kv_cache.element_size() == 1
-    ks, ks_head, ks_slot = _scale_args(k_scale, output)
-    vs, vs_head, vs_slot = _scale_args(v_scale, output)
+    ks, ks_head, ks_slot = scale_args(k_scale, output)
+    vs, vs_head, vs_slot = scale_args(v_scale, output)
     counters = output
     if splits > 1:
         counters = _arrival_counters(query.device, num_tokens * num_kv_heads)
@@ -422,5 +302,5 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
         HAS_K_SCALE=k_scale is not None,
         HAS_V_SCALE=v_scale is not None,
         FP16_COMPUTE=fp8,
-        DOT_DTYPE=tl.float32 if INTERPRETED else (tl.float16 if fp8 else _TL_DTYPES[query.dtype]),
+        DOT_DTYPE=dot_dtype(query.dtype, fp8),
         num_warps=num_warps, num_stages=num_stages)

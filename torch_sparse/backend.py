@@ -8,6 +8,7 @@ reading the decode rows of the top-k from `[:, :num_decode_tokens]` and the pref
 """
 from __future__ import annotations
 
+import warnings
 from typing import ClassVar
 
 import torch
@@ -106,7 +107,8 @@ class MiniMaxM3SparseImpl:
     def __init__(self, num_heads: int, head_size: int, scale: float,
                  num_kv_heads: int | None = None, kv_cache_dtype: str = "auto",
                  kv_cache_layout: str = "NHD", topk_blocks: int = 16,
-                 block_size: int = 128, impl: str | None = None, **kwargs) -> None:
+                 block_size: int = 128, implementation: str | None = None,
+                 impl: str | None = None, **kwargs) -> None:
         self.spec = SparseAttentionSpec(
             num_heads=num_heads, num_kv_heads=num_kv_heads or num_heads, head_size=head_size,
             topk_blocks=topk_blocks, block_size=block_size, kv_cache_dtype=kv_cache_dtype,
@@ -116,13 +118,17 @@ class MiniMaxM3SparseImpl:
         self.scale = self.spec.scale
         self.num_kv_heads = self.spec.num_kv_heads
         self.kv_cache_dtype = kv_cache_dtype
-        self.impl = impl
+        if impl is not None:
+            warnings.warn("MiniMaxM3SparseImpl(impl=...) is deprecated; use implementation=",
+                          DeprecationWarning, stacklevel=2)
+            implementation = implementation or impl
+        self.implementation = implementation
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Write this step's K/V ([num_tokens, num_kv_heads, head_size]) into the cache."""
         write_kv(kv_cache, key, value, slot_mapping, self.spec, getattr(layer, "_k_scale", None),
-                 getattr(layer, "_v_scale", None), impl=self.impl)
+                 getattr(layer, "_v_scale", None), implementation=self.implementation)
 
     def forward(self, layer, query: torch.Tensor, kv_cache: torch.Tensor,
                 topk_indices: torch.Tensor, attn_metadata: SparseMetadata | None,
@@ -146,12 +152,12 @@ class MiniMaxM3SparseImpl:
             minimax_m3_sparse_attn_decode(
                 q[:nd], kv_cache, topk_indices[:, :nd], decode.block_table, decode.seq_lens,
                 self.num_kv_heads, self.scale, out[:nd], decode.decode_query_len, *scales,
-                impl=self.impl)
+                implementation=self.implementation)
         prefill = md.prefill
         if prefill is not None:
             minimax_m3_sparse_attn(
                 q[nd:], kv_cache, topk_indices[:, nd:num_tokens], prefill.block_table,
                 prefill.cu_seqlens_q, prefill.seq_lens, prefill.context_lens,
                 prefill.max_query_len, self.num_kv_heads, self.scale, out[nd:], *scales,
-                impl=self.impl)
+                implementation=self.implementation)
         return output

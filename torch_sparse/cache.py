@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import INTERPRETED, _scale_args
+from .triton_common import INTERPRETED, scale_args
 
 NUM_WARPS = 4
 
@@ -87,8 +87,8 @@ def launch_write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if num_tokens == 0:
         return
     finfo = torch.finfo(kv_cache.dtype)
-    ks, ks_head, ks_slot = _scale_args(k_scale, key)
-    vs, vs_head, vs_slot = _scale_args(v_scale, key)
+    ks, ks_head, ks_slot = scale_args(k_scale, key)
+    vs, vs_head, vs_slot = scale_args(v_scale, key)
     _write_kv_kernel[(num_tokens,)](
         key, value, slot_mapping, kv_cache, ks, vs, num_blocks * block_size,
         key.stride(0), key.stride(1), value.stride(0), value.stride(1),

@@ -14,7 +14,7 @@ from interop import (CACHE_DTYPES, FP8_MAX, QUERY_DTYPES, SUPPORTED_BLOCK_SIZES,
                      check_prefill_algorithm)
 
 from . import ops
-from .reference import prefill_token_map
+from .selection import prefill_token_map
 
 _QUERY_DTYPES = tuple(getattr(torch, name) for name in QUERY_DTYPES)
 _CACHE_DTYPES = tuple({getattr(torch, name) for name in CACHE_DTYPES.values() if name})
@@ -181,8 +181,8 @@ def _check_attention(q, kv_cache, topk, block_table, num_kv_heads, sm_scale, out
 
 def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq_lens,
                            prefix_lens, max_query_len, num_kv_heads, sm_scale, output,
-                           k_scale=None, v_scale=None, *, impl: str | None = None,
-                           prefill_algorithm: str = "auto") -> None:
+                           k_scale=None, v_scale=None, *, implementation: str | None = None,
+                           prefill_algorithm: str = "auto", impl: str | None = None) -> None:
     """Block-sparse GQA attention of a prefill batch (the seed's call); writes `output`.
 
     q / output: [total_q, num_heads, head_size] bf16/fp16; kv_cache: logical view
@@ -191,8 +191,8 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
     cu_seqlens_q: [num_reqs + 1] query offsets from 0; seq_lens / prefix_lens: [num_reqs]
     (prefix = tokens cached before this step); max_query_len: unused (kept for the seed's
     signature: the grid runs over tokens). k_scale / v_scale: None, a float or a tensor
-    (scalar or [num_kv_heads, num_blocks * block_size]), FP8 caches only. prefill_algorithm:
-    one of interop.PREFILL_ALGORITHMS, as in `sparse_attention`.
+    (scalar or [num_kv_heads, num_blocks * block_size]), FP8 caches only. implementation and
+    prefill_algorithm as in `sparse_attention`; impl: deprecated spelling of implementation.
     """
     check_prefill_algorithm(prefill_algorithm)
     k_scale, v_scale = _check_attention(q, kv_cache, topk_idx, block_table, num_kv_heads,
@@ -204,20 +204,22 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
         _check_tensor(name, x, q.device, _INDEX_DTYPES, 1)
         _check_length(name, x, length, "block_table's rows (+1 for offsets)")
     token_to_req, positions = prefill_token_map(cu_seqlens_q, prefix_lens, q.shape[0])
+    implementation = ops.check_implementation(implementation, q.device, impl)
     ops.call_sparse_attn(q, kv_cache, topk_idx, block_table, token_to_req, positions, output,
-                         float(sm_scale), k_scale, v_scale, ops.check_impl(impl, q.device),
-                         prefill_algorithm, 0)
+                         float(sm_scale), k_scale, v_scale, implementation, prefill_algorithm, 0)
 
 
 def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, num_kv_heads,
                                   sm_scale, output, decode_query_len, k_scale=None,
-                                  v_scale=None, *, impl: str | None = None) -> None:
+                                  v_scale=None, *, implementation: str | None = None,
+                                  impl: str | None = None) -> None:
     """Block-sparse GQA attention of a uniform decode batch (the seed's call); writes `output`.
 
     Request r owns query rows [r * L, (r + 1) * L) with L = decode_query_len (1, or 1 +
     speculative tokens), at positions seq_lens[r] - L .. seq_lens[r] - 1. Split-K over the
     top-k blocks with a split count from shapes only: capturable in a CUDA graph.
     Other arguments as in `minimax_m3_sparse_attn`; block_table / seq_lens: [num_reqs, ...].
+    implementation as in `sparse_attention`; impl: its deprecated spelling.
     """
     k_scale, v_scale = _check_attention(q, kv_cache, topk_idx, block_table, num_kv_heads,
                                         sm_scale, output, k_scale, v_scale)
@@ -228,23 +230,35 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, 
         raise ValueError(f"q has {q.shape[0]} tokens but {seq_lens.shape[0]} decode requests "
                          f"of decode_query_len {decode_query_len} make "
                          f"{seq_lens.shape[0] * decode_query_len}")
+    implementation = ops.check_implementation(implementation, q.device, impl)
     ops.call_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, output,
-                           float(sm_scale), decode_query_len, k_scale, v_scale,
-                           ops.check_impl(impl, q.device))
+                                float(sm_scale), decode_query_len, k_scale, v_scale,
+                                implementation)
 
 
 def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
                      metadata: SparseMetadata, output=None, *, k_scale=None, v_scale=None,
-                     impl: str | None = None, prefill_algorithm: str = "auto") -> torch.Tensor:
+                     implementation: str | None = None, prefill_algorithm: str = "auto",
+                     impl: str | None = None) -> torch.Tensor:
     """A mixed decode-first batch in one call; returns `output` (allocated when None).
 
     query: [num_tokens, num_heads, head_size]; kv_cache: the logical view in the spec's cache
     dtype; topk_indices: [num_kv_heads, >= num_tokens, topk_blocks] int32; metadata: the
     PyTorch flavour (`interop.to_torch(build_metadata(...), device)`), whose token_to_req /
     token_positions / block_table say which request and position each token has, and whose
-    num_decode_tokens the decode rows. prefill_algorithm: the path of the prefill rows, one of
-    interop.PREFILL_ALGORITHMS: "auto" (the dispatcher picks per tile), "token", "union" or
-    "k2q" (`torch_sparse/dispatch.py`); decode rows always run on the token kernel.
+    num_decode_tokens the decode rows. implementation: one of IMPLEMENTATIONS, "triton" (the
+    Triton kernels: CUDA, or a CPU under Triton's interpreter) or "eager" (plain PyTorch ops);
+    None: `default_implementation(query.device)`. prefill_algorithm: the path of the prefill
+    rows, one of interop.PREFILL_ALGORITHMS: "auto" (the dispatcher picks per tile), "token",
+    "union" or "k2q" (`torch_sparse/dispatch.py`); decode rows always run on the token kernel;
+    the eager implementation has one path. impl: the deprecated spelling of implementation
+    (a DeprecationWarning).
+
+    Every path gives the same rows on garbage input (contract 5): a row with no valid entry
+    is zeros; a repeated entry counts once; a query row holding a NaN or an Inf that attends a
+    key is NaN, as is a row that attends a K or V slot holding a NaN; slots no row attends
+    never show. A JAX or NumPy array (or metadata flavour) is a TypeError naming the bridge
+    (`interop.to_torch`, `interop.kv_cache_to_torch`).
     """
     check_prefill_algorithm(prefill_algorithm)
     _check_spec(spec)
@@ -270,16 +284,17 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
     if not 0 <= decode_tokens <= num_tokens:
         raise ValueError(f"metadata.num_decode_tokens ({decode_tokens}) must lie in [0, "
                          f"{num_tokens}] (the query's tokens)")
+    implementation = ops.check_implementation(implementation, query.device, impl)
     ops.call_sparse_attn(query, kv_cache, topk_indices, metadata.block_table,
                          metadata.token_to_req[:num_tokens],
                          metadata.token_positions[:num_tokens], output, spec.scale, k_scale,
-                         v_scale, ops.check_impl(impl, query.device), prefill_algorithm,
-                         int(decode_tokens))
+                         v_scale, implementation, prefill_algorithm, int(decode_tokens))
     return output
 
 
 def write_kv(kv_cache, key, value, slot_mapping, spec: SparseAttentionSpec, k_scale=None,
-             v_scale=None, *, impl: str | None = None) -> None:
+             v_scale=None, *, implementation: str | None = None,
+             impl: str | None = None) -> None:
     """Write new K/V into the cache in place.
 
     kv_cache: the logical view (num_blocks, 2, block_size, num_kv_heads, head_size) in the
@@ -287,7 +302,8 @@ def write_kv(kv_cache, key, value, slot_mapping, spec: SparseAttentionSpec, k_sc
     place); key / value: [num_tokens, num_kv_heads, head_size] bf16/fp16; slot_mapping:
     [>= num_tokens] int (page * block_size + offset; entries past num_tokens are ignored, as
     vLLM pads it; fewer is a ValueError). FP8 caches store value / scale saturated to the
-    format's largest finite value.
+    format's largest finite value. implementation as in `sparse_attention`; impl: its
+    deprecated spelling.
 
     Slots (contract 5): a negative slot is padding, skipped. A slot >= num_blocks * block_size
     is never written; on CPU tensors it is a ValueError naming the first such token and its
@@ -313,5 +329,6 @@ def write_kv(kv_cache, key, value, slot_mapping, spec: SparseAttentionSpec, k_sc
     if slot_mapping.shape[0] < key.shape[0]:
         raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} entries but key has "
                          f"{key.shape[0]} tokens")
-    ops.call_write_kv(kv_cache, key, value, slot_mapping[:key.shape[0]], fp8_max, k_scale, v_scale,
-                 ops.check_impl(impl, device))
+    implementation = ops.check_implementation(implementation, device, impl)
+    ops.call_write_kv(kv_cache, key, value, slot_mapping[:key.shape[0]], fp8_max, k_scale,
+                      v_scale, implementation)

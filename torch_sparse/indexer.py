@@ -44,9 +44,9 @@ from interop.indexer import (MAGNITUDE_MASK, PRIORITY_INIT, PRIORITY_LOCAL, PRIO
 from interop.tiling import (cdiv, index_num_splits, index_tile_rows, index_tile_tokens,
                             next_power_of_2)
 
-from .attention import _TL_DTYPES, INTERPRETED
 from .cache import _round_to_fp8_grid
 from .ops import _eager_or_op
+from .triton_common import INTERPRETED, dot_dtype
 
 NUM_WARPS = 4
 NUM_STAGES = 2
@@ -227,7 +227,7 @@ def _launch_requests(query, cache, block_table, query_start_loc, token_positions
         ROWS=index_tile_rows(heads, tile_tokens), HEAD_SIZE=head_size, BLOCK_SIZE=block_size,
         TOPK=topk, SLOTS=slots, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
         SPLITS=splits, SPLIT_BLOCKS=1 if not INTERPRETED else cdiv(max_blocks, splits),
-        DOT_DTYPE=tl.float32 if INTERPRETED else _TL_DTYPES[query.dtype],
+        DOT_DTYPE=dot_dtype(query.dtype, False),
         INTERPRETED=INTERPRETED, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _merge_kernel[(num_tokens,)](

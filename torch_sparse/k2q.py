@@ -36,8 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (_TL_DTYPES, INTERPRETED, LOG2_E, _entry_page, _fp16_rows, _scale_args,
-                        _visible_blocks, selected_pages)
+from .triton_common import (LOG2_E, dot_dtype, entry_page, fp16_rows, repeated_entries,
+                            scale_args, visible_blocks)
+from .selection import selected_pages
 
 # Query rows per tile: wgmma needs 64 rows per warpgroup (4 warps).
 TILE_ROWS = 64
@@ -67,7 +68,7 @@ class K2QPlan(NamedTuple):
       pair_key: [E] int64, kv_head * num_blocks + page of each pair (runs of equal keys are the
         segments).
       pair_token: [E] int32, the pair's token (absolute row of query / output).
-      pair_slot: [E] int32, the pair's column k in the token's top-k row.
+      pair_column: [E] int32, the pair's column k in the token's top-k row.
       pair_limit: [E] int32, position - block * block_size: the last key offset of the block the
         token may see (>= 0 for a valid pair).
       item_start: [max_items] int32, the first pair of each work item (a run of up to
@@ -77,7 +78,7 @@ class K2QPlan(NamedTuple):
 
     pair_key: torch.Tensor
     pair_token: torch.Tensor
-    pair_slot: torch.Tensor
+    pair_column: torch.Tensor
     pair_limit: torch.Tensor
     item_start: torch.Tensor
 
@@ -203,7 +204,7 @@ def _k2q_block_kernel(
                             + offs_d[None, :], mask=row_live[:, None], other=0.0)
                 row_scale = tl.full([PAIRS * GROUP_PAD], qk_scale, tl.float32)
                 if FP16_COMPUTE:
-                    q, row_scale = _fp16_rows(q, row_scale)
+                    q, row_scale = fp16_rows(q, row_scale)
                 scores = tl.dot(q.to(DOT_DTYPE), tl.trans(k)) * row_scale[:, None]
                 if HAS_K_SCALE:
                     scores *= k_scale[None, :]
@@ -213,7 +214,7 @@ def _k2q_block_kernel(
                 m = tl.where(m == float("-inf"), 0.0, m)  # dead rows: no inf - inf
                 p = tl.exp2(scores - m[:, None])
                 # A live row attends key 0 at least, so l >= 1 unless non-finite inputs made
-                # it NaN or 0 (as `attention._finish_rows` says): then the partial and its lse
+                # it NaN or 0 (as `triton_common.finish_rows` says): then the partial and its lse
                 # are NaN, and the combine carries the NaN into the row.
                 l_sum = tl.sum(p, 1)
                 hit = tl.max(tl.where(key_mask & key_bad[None, :], 1, 0), 1) > 0
@@ -255,7 +256,7 @@ def _k2q_combine_kernel(
     if HAS_MASK:
         chosen = tl.load(mask_ptr + t) != 0
         pos = tl.where(chosen, pos, -1)  # a token the mask excludes selects nothing
-    req, limit = _visible_blocks(req, pos, num_reqs, max_blocks, BLOCK_SIZE)
+    req, limit = visible_blocks(req, pos, num_reqs, max_blocks, BLOCK_SIZE)
 
     # The whole top-k row at once: validity, then each column's log-sum-exp per head.
     offs_k = tl.arange(0, TOPK_PAD)
@@ -265,9 +266,8 @@ def _k2q_combine_kernel(
     block = tl.load(topk_ptr + kv_head.to(tl.int64) * stride_kg + t * stride_kt
                     + offs_k * stride_kk, mask=offs_k < TOPK, other=-1)
     # A repeated entry counts once: only its first column was planned (`selected_pages`).
-    repeated = tl.max(tl.where((block[:, None] == block[None, :])
-                               & (offs_k[None, :] < offs_k[:, None]), 1, 0), 1) > 0
-    valid, _, _ = _entry_page(tl.where(repeated, -1, block), limit, req, block_table_ptr,
+    repeated = repeated_entries(block, offs_k)
+    valid, _, _ = entry_page(tl.where(repeated, -1, block), limit, req, block_table_ptr,
                               stride_bt, num_blocks)
     lse = tl.load(lse_ptr + offs_k[:, None] * stride_lk + i * stride_lt + head[None, :],
                   mask=valid[:, None] & (offs_h < GROUP)[None, :], other=float("-inf"))
@@ -333,9 +333,8 @@ def launch_k2q(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
                        device=query.device)
     lse = torch.empty((width, chunk, num_heads), dtype=torch.float32, device=query.device)
     fp8 = kv_cache.element_size() == 1
-    ks, ks_head, ks_slot = _scale_args(k_scale, output)
-    vs, vs_head, vs_slot = _scale_args(v_scale, output)
-    dot_dtype = tl.float32 if INTERPRETED else (tl.float16 if fp8 else _TL_DTYPES[query.dtype])
+    ks, ks_head, ks_slot = scale_args(k_scale, output)
+    vs, vs_head, vs_slot = scale_args(v_scale, output)
     for start in range(first_token, num_tokens, chunk):
         end = min(start + chunk, num_tokens)
         plan = plan_k2q(topk, block_table, token_to_req, token_positions, num_blocks,
@@ -343,7 +342,7 @@ def launch_k2q(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
                         token_mask=token_mask, pairs_per_item=pairs * TILES_PER_ITEM)
         if plan.item_start.shape[0]:  # 0 when no page can be valid (an empty cache or table)
             _k2q_block_kernel[(plan.item_start.shape[0],)](
-                query, kv_cache, plan.pair_key, plan.pair_token, plan.pair_slot, plan.pair_limit,
+                query, kv_cache, plan.pair_key, plan.pair_token, plan.pair_column, plan.pair_limit,
                 plan.item_start, part, lse, ks, vs,
                 plan.pair_key.shape[0], num_blocks, start, sm_scale * LOG2_E,
                 query.stride(0), query.stride(1),
@@ -352,7 +351,8 @@ def launch_k2q(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
                 ks_head, ks_slot, vs_head, vs_slot,
                 GROUP=group, GROUP_PAD=group_pad, PAIRS=pairs, TILES=TILES_PER_ITEM,
                 HEAD_SIZE=head_size, BLOCK_SIZE=block_size, HAS_K_SCALE=k_scale is not None,
-                HAS_V_SCALE=v_scale is not None, FP16_COMPUTE=fp8, DOT_DTYPE=dot_dtype,
+                HAS_V_SCALE=v_scale is not None, FP16_COMPUTE=fp8,
+                DOT_DTYPE=dot_dtype(query.dtype, fp8),
                 num_warps=NUM_WARPS, num_stages=NUM_STAGES)
         _k2q_combine_kernel[(end - start, num_kv_heads)](
             part, lse, output, topk, block_table, token_to_req, token_positions,

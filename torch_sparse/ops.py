@@ -5,10 +5,11 @@ Registered custom ops are opaque to `torch.compile`: model code that calls them 
 running a kernel. Every op writes into a tensor it is given (declared in `mutates_args`) and
 returns nothing, so it allocates no output and a CUDA graph can capture a decode step.
 
-`impl` picks the backend per call: "triton" (the kernels; compiled on CUDA, interpreted on a
-CPU when TRITON_INTERPRET=1) or "reference" (pure PyTorch, for machines without Triton).
+`implementation` picks the backend per call: "triton" (the kernels; compiled on CUDA,
+interpreted on a CPU when TRITON_INTERPRET=1) or "eager" (plain PyTorch ops, `eager.py`, for
+machines without Triton); "reference", its old name, is a deprecated alias.
 `prefill_algorithm` (a str) and `first_prefill_token` (an int) pick the kernels of a batch's
-prefill rows (`dispatch.py`); the reference ignores them.
+prefill rows (`dispatch.py`); the eager path ignores them.
 
 Check mode: with the environment variable M3_SPARSE_CHECKS=1 (read at every call), write_kv
 checks its slots on a GPU too (`check_slots`), at the price of a host sync.
@@ -16,18 +17,22 @@ checks its slots on a GPU too (`check_slots`), at the price of a host sync.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
 
-from . import reference
+from . import eager, selection
 
 try:
     from . import attention, cache, dispatch
-except ImportError:  # no Triton: only the reference path runs
+except ImportError:  # no Triton: only the eager path runs
     attention = cache = dispatch = None
 
-IMPLS = ("triton", "reference")
+IMPLEMENTATIONS = ("triton", "eager")
+IMPLS = IMPLEMENTATIONS  # deprecated name
+# Old implementation names, still accepted with a DeprecationWarning.
+DEPRECATED_IMPLEMENTATIONS = {"reference": "eager"}
 HAS_TRITON = attention is not None
 # Whether the Triton kernels run in Triton's interpreter (on CPU tensors). Triton reads
 # TRITON_INTERPRET when it defines the kernels, so this is fixed when torch_sparse is imported.
@@ -35,33 +40,62 @@ INTERPRETED = HAS_TRITON and attention.INTERPRETED
 CHECKS_ENV = "M3_SPARSE_CHECKS"
 
 
-def default_impl(device: torch.device) -> str:
-    """The path that runs on `device` when no impl is given: "triton" on a CUDA device, and on
-    a CPU when the kernels run in Triton's interpreter (INTERPRETED: TRITON_INTERPRET=1 was set
-    before torch_sparse was imported); "reference" (pure PyTorch) everywhere else, and
-    wherever Triton is not installed."""
-    if HAS_TRITON and (device.type == "cuda" or INTERPRETED):
+def default_implementation(device: torch.device | str | None = None) -> str:
+    """The implementation that runs on `device` (default: the current CUDA device when there
+    is one, else the CPU) when a call names none: "triton" on a CUDA device, and on a CPU when
+    the kernels run in Triton's interpreter (INTERPRETED: TRITON_INTERPRET=1 was set before
+    torch_sparse was imported); "eager" (plain PyTorch ops) everywhere else, and wherever
+    Triton is not installed."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if HAS_TRITON and (torch.device(device).type == "cuda" or INTERPRETED):
         return "triton"
-    return "reference"
+    return "eager"
 
 
-def check_impl(impl: str | None, device: torch.device) -> str:
-    """`impl`, or the device's default for None; a ValueError naming the fix when the kernels
-    cannot run there."""
-    if impl is None:
-        return default_impl(device)
-    if impl not in IMPLS:
-        raise ValueError(f"impl {impl!r} is unknown; expected one of {IMPLS}")
-    if impl == "triton" and not HAS_TRITON:
-        raise ValueError("impl 'triton' needs Triton, which is not installed; use "
-                         "impl='reference'")
-    if impl == "triton" and device.type != "cuda" and not INTERPRETED:
+def default_impl(device: torch.device | str | None = None) -> str:
+    """Deprecated name of `default_implementation`."""
+    _deprecated("default_impl() is deprecated; use default_implementation()")
+    return default_implementation(device)
+
+
+def _deprecated(message: str) -> None:
+    """A DeprecationWarning pointing at the caller of the public function (not while
+    torch.compile traces: dynamo cannot trace warnings.warn)."""
+    if not torch.compiler.is_compiling():
+        warnings.warn(message, DeprecationWarning, stacklevel=4)
+
+
+def check_implementation(implementation: str | None, device: torch.device,
+                         impl: str | None = None) -> str:
+    """The implementation a call runs: `implementation`, else `impl` (its deprecated keyword),
+    else the device's default; a ValueError naming the fix when it cannot run on `device`."""
+    if impl is not None:
+        _deprecated("the impl= keyword is deprecated; use implementation=")
+        if implementation is not None and implementation != impl:
+            raise ValueError(f"implementation={implementation!r} and impl={impl!r} disagree; "
+                             "pass implementation= only")
+        implementation = impl
+    if implementation is None:
+        return default_implementation(device)
+    if implementation in DEPRECATED_IMPLEMENTATIONS:
+        new = DEPRECATED_IMPLEMENTATIONS[implementation]
+        _deprecated(f"implementation {implementation!r} is deprecated; use {new!r}")
+        implementation = new
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation {implementation!r} is unknown; expected one of "
+                         f"{IMPLEMENTATIONS}")
+    if implementation == "triton" and not HAS_TRITON:
+        raise ValueError("implementation 'triton' needs Triton, which is not installed; use "
+                         "implementation='eager'")
+    if implementation == "triton" and device.type != "cuda" and not INTERPRETED:
         late = (" (TRITON_INTERPRET is set now, but Triton reads it when torch_sparse is "
                 "imported)" if os.environ.get("TRITON_INTERPRET") == "1" else "")
-        raise ValueError(f"impl 'triton' cannot run on {device}: the Triton kernels need a CUDA "
-                         f"device or Triton's interpreter{late}; set TRITON_INTERPRET=1 before "
-                         "importing torch_sparse, or use impl='reference'")
-    return impl
+        raise ValueError(f"implementation 'triton' cannot run on {device}: the Triton kernels "
+                         f"need a CUDA device or Triton's interpreter{late}; set "
+                         "TRITON_INTERPRET=1 before importing torch_sparse, or use "
+                         "implementation='eager'")
+    return implementation
 
 
 def checks_enabled() -> bool:
@@ -92,13 +126,13 @@ def _sparse_attn(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
                 block_table: torch.Tensor, token_to_req: torch.Tensor,
                 token_positions: torch.Tensor, output: torch.Tensor, sm_scale: float,
                 k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
-                impl: str, prefill_algorithm: str = "auto", first_prefill_token: int = 0) -> None:
+                implementation: str, prefill_algorithm: str = "auto",
+                first_prefill_token: int = 0) -> None:
     """Sparse attention of tokens given by (token_to_req, token_positions) [num_tokens]; rows
     from first_prefill_token on are prefill tokens."""
-    if impl == "reference":
-        reference.sparse_attention_reference(query, kv_cache, topk, block_table, token_to_req,
-                                             token_positions, output, sm_scale, k_scale,
-                                             v_scale)
+    if implementation != "triton":  # "eager" (or its old name, when the op is called directly)
+        eager.sparse_attention_eager(query, kv_cache, topk, block_table, token_to_req,
+                                     token_positions, output, sm_scale, k_scale, v_scale)
     else:
         dispatch.sparse_attention(query, kv_cache, topk, block_table, token_to_req,
                                   token_positions, output, sm_scale, k_scale=k_scale,
@@ -110,12 +144,12 @@ def _sparse_attn_decode(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch
                        block_table: torch.Tensor, seq_lens: torch.Tensor, output: torch.Tensor,
                        sm_scale: float, decode_query_len: int,
                        k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
-                       impl: str) -> None:
+                       implementation: str) -> None:
     """Sparse attention of a uniform decode batch: seq_lens [num_reqs], num_reqs * L tokens."""
-    if impl == "reference":
-        token_to_req, positions = reference.decode_token_map(seq_lens, decode_query_len)
-        reference.sparse_attention_reference(query, kv_cache, topk, block_table, token_to_req,
-                                             positions, output, sm_scale, k_scale, v_scale)
+    if implementation != "triton":
+        token_to_req, positions = selection.decode_token_map(seq_lens, decode_query_len)
+        eager.sparse_attention_eager(query, kv_cache, topk, block_table, token_to_req,
+                                     positions, output, sm_scale, k_scale, v_scale)
     else:
         attention.launch_sparse_attention(query, kv_cache, topk, block_table, output, sm_scale,
                                           seq_lens=seq_lens, decode_query_len=decode_query_len,
@@ -124,7 +158,7 @@ def _sparse_attn_decode(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch
 
 def _write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
              slot_mapping: torch.Tensor, fp8_max: float, k_scale: Optional[torch.Tensor],
-             v_scale: Optional[torch.Tensor], impl: str) -> None:
+             v_scale: Optional[torch.Tensor], implementation: str) -> None:
     """Write key / value [num_tokens, num_kv_heads, head_size] at slot_mapping [num_tokens].
 
     Negative slots are skipped; a slot past the cache is a ValueError where checking is free
@@ -132,9 +166,9 @@ def _write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     runs here, inside the op, so a torch.compile'd caller checks too.
     """
     check_slots(slot_mapping, kv_cache.shape[0] * kv_cache.shape[2])
-    if impl == "reference":
-        reference.write_kv_reference(kv_cache, key, value, slot_mapping, fp8_max=fp8_max,
-                                     k_scale=k_scale, v_scale=v_scale)
+    if implementation != "triton":
+        eager.write_kv_eager(kv_cache, key, value, slot_mapping, fp8_max=fp8_max,
+                             k_scale=k_scale, v_scale=v_scale)
     else:
         cache.launch_write_kv(kv_cache, key, value, slot_mapping, fp8_max=fp8_max,
                               k_scale=k_scale, v_scale=v_scale)
@@ -165,16 +199,16 @@ call_write_kv = _eager_or_op(write_kv, _write_kv)
 # The ops only write into their arguments: tracing them needs no computation.
 @sparse_attn.register_fake
 def _(query, kv_cache, topk, block_table, token_to_req, token_positions, output, sm_scale,
-      k_scale, v_scale, impl, prefill_algorithm="auto", first_prefill_token=0) -> None:
+      k_scale, v_scale, implementation, prefill_algorithm="auto", first_prefill_token=0) -> None:
     return None
 
 
 @sparse_attn_decode.register_fake
 def _(query, kv_cache, topk, block_table, seq_lens, output, sm_scale, decode_query_len,
-      k_scale, v_scale, impl) -> None:
+      k_scale, v_scale, implementation) -> None:
     return None
 
 
 @write_kv.register_fake
-def _(kv_cache, key, value, slot_mapping, fp8_max, k_scale, v_scale, impl) -> None:
+def _(kv_cache, key, value, slot_mapping, fp8_max, k_scale, v_scale, implementation) -> None:
     return None

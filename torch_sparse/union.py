@@ -9,10 +9,10 @@ its position (FlashInfer's `sparse_fwd_union` idea):
 
 1. `plan_union` (PyTorch ops on the device, no host sync): per (KV head, tile), the distinct
    valid selected blocks, their page, and for each the bitmask of the tile's tokens that chose
-   it; plus the union sizes. Entry validity is `attention.selected_pages` (the token kernel's
+   it; plus the union sizes. Entry validity is `selection.selected_pages` (the token kernel's
    rule), so every page the kernel reads lies inside the cache whatever top-k holds.
 2. `_union_attn_kernel`, one program per (tile, KV head): online softmax in fp32 (base 2) over
-   the union's blocks through the shared `attention._attend_block`, output written directly.
+   the union's blocks through the shared `triton_common.attend_block`, output written directly.
    Tiles may straddle two requests (or a request's first block): a block is an entry per
    (page, logical block), and a row's token bits say whether it attends it. Rows of padding
    tokens (position -1) and rows with no valid entry get zeros.
@@ -27,8 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import (_TL_DTYPES, INTERPRETED, LOG2_E, _attend_block, _finish_rows, _fp16_rows,
-                        _scale_args, selected_pages)
+from .triton_common import (INTERPRETED, LOG2_E, attend_block, dot_dtype, finish_rows,
+                            fp16_rows, scale_args)
+from .selection import selected_pages
 
 # Query rows a tile aims for (tokens x padded GQA group): wgmma takes 64 rows per warpgroup.
 TILE_ROWS = 128
@@ -152,7 +153,7 @@ def _union_step(acc, m_i, l_i, seen, q, pos, row_token, e, entry, page_ptr, bloc
     # The last key each row attends in this block (-1: none; a chosen block holds key `pos`
     # or older, so a chosen row attends at least one key).
     last = tl.where(chosen, pos - block * BLOCK_SIZE, -1)
-    acc, m_i, l_i = _attend_block(
+    acc, m_i, l_i = attend_block(
         acc, m_i, l_i, q, head_base + page.to(tl.int64) * stride_blk, k_scale_ptr,
         v_scale_ptr, page, offs_n <= tl.max(last, 0), offs_n[None, :] <= last[:, None], offs_n,
         offs_d, stride_tok, stride_kv, ks_slot, vs_slot, row_scale, BLOCK_SIZE, HAS_K_SCALE,
@@ -198,7 +199,7 @@ def _union_attn_kernel(
                     + offs_d[None, :], mask=row_mask[:, None], other=0.0)
         row_scale = tl.full([TILE_TOKENS * GROUP_PAD], qk_scale, tl.float32)
         if FP16_COMPUTE:
-            q, row_scale = _fp16_rows(q, row_scale)
+            q, row_scale = fp16_rows(q, row_scale)
 
         m_i = tl.full([TILE_TOKENS * GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([TILE_TOKENS * GROUP_PAD], tl.float32)
@@ -228,7 +229,7 @@ def _union_attn_kernel(
                         BLOCK_SIZE, HAS_K_SCALE, HAS_V_SCALE, DOT_DTYPE)
 
         # No valid entry (padding rows included): zeros; a non-finite query: NaN.
-        out, _ = _finish_rows(acc, l_i, seen)
+        out, _ = finish_rows(acc, l_i, seen)
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh
                  + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
@@ -271,9 +272,8 @@ def launch_union(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
     else:
         plans = (plan,)
     fp8 = kv_cache.element_size() == 1
-    ks, ks_head, ks_slot = _scale_args(k_scale, output)
-    vs, vs_head, vs_slot = _scale_args(v_scale, output)
-    dot_dtype = tl.float32 if INTERPRETED else (tl.float16 if fp8 else _TL_DTYPES[query.dtype])
+    ks, ks_head, ks_slot = scale_args(k_scale, output)
+    vs, vs_head, vs_slot = scale_args(v_scale, output)
     for part in plans:
         num_tiles = part.tile_size.shape[0]
         if num_tiles == 0:
@@ -291,6 +291,5 @@ def launch_union(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
             GROUP=group, GROUP_PAD=triton.next_power_of_2(group), TILE_TOKENS=tokens,
             HEAD_SIZE=head_size, BLOCK_SIZE=block_size, ENTRIES=part.page.shape[-1],
             HAS_K_SCALE=k_scale is not None, HAS_V_SCALE=v_scale is not None,
-            FP16_COMPUTE=fp8, DOT_DTYPE=dot_dtype, DYNAMIC_LOOP=not INTERPRETED,
-            num_warps=num_warps,
-            num_stages=num_stages)
+            FP16_COMPUTE=fp8, DOT_DTYPE=dot_dtype(query.dtype, fp8),
+            DYNAMIC_LOOP=not INTERPRETED, num_warps=num_warps, num_stages=num_stages)
