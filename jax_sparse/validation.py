@@ -125,6 +125,16 @@ def check_write_inputs(spec: SparseAttentionSpec, kv_cache, key, value, slot_map
     return num_blocks
 
 
+def check_knobs(config, **minimums) -> None:
+    """A config dataclass's knobs: each None (chosen at launch) or an int >= its minimum."""
+    for name, minimum in minimums.items():
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < minimum):
+            raise ValueError(f"{name} ({value!r}) must be >= {minimum}, an int "
+                             f"({type(config).__name__})")
+
+
 # --- slot values ----------------------------------------------------------------------------
 
 def checks_enabled(checks: bool | None) -> bool:
