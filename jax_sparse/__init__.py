@@ -5,7 +5,7 @@ a pytree whose arrays and counts are traced.
 """
 import interop
 
-from .api import (CONFIGS, IMPLEMENTATIONS, default_implementation,
+from .api import (CONFIGS, IMPLEMENTATIONS, STATIC_ARGNAMES, default_implementation,
                   implementation_config, minimax_m3_sparse_attn, minimax_m3_sparse_attn_decode,
                   sparse_attention)
 from .attention import PallasConfig, default_num_splits, paged_sparse_attention
@@ -22,7 +22,7 @@ from .xla import XlaConfig, sparse_attention_xla
 interop.register_jax_pytrees()
 
 __all__ = [
-    "CONFIGS", "IMPLEMENTATIONS", "MosaicConfig", "PallasConfig", "TpuConfig",
+    "CONFIGS", "IMPLEMENTATIONS", "MosaicConfig", "PallasConfig", "STATIC_ARGNAMES", "TpuConfig",
     "XlaConfig", "allocate_kv_cache", "default_implementation", "default_num_splits",
     "implementation_config", "kv_cache_sharding", "minimax_m3_sparse_attn",
     "minimax_m3_sparse_attn_decode", "paged_sparse_attention", "paged_sparse_attention_k2q",

@@ -19,13 +19,18 @@ from .attention import PallasConfig
 from .dispatch import sparse_attention_pallas
 from .mosaic import MosaicConfig, sparse_attention_mosaic
 from .tpu import TpuConfig, sparse_attention_tpu
-from .validation import check_attention_inputs, check_jax_flavour, check_metadata, check_scale
+from .validation import (check_attention_inputs, check_jax_flavour, check_metadata, check_scale,
+                         check_static)
 from .xla import XlaConfig, sparse_attention_xla
 
 IMPLEMENTATIONS = ("pallas", "mosaic", "tpu", "xla")
 # Each implementation's knobs: a frozen dataclass whose fields are its launcher's keywords.
 CONFIGS = {"pallas": PallasConfig, "mosaic": MosaicConfig, "tpu": TpuConfig, "xla": XlaConfig}
 _KNOBS = ("implementation", "config", "num_splits", "num_warps", "num_stages")
+# The arguments of `sparse_attention` an outer jax.jit must hold static (strings, ints and
+# configs that pick the compiled code): jax.jit(jax_sparse.sparse_attention,
+# static_argnames=jax_sparse.STATIC_ARGNAMES).
+STATIC_ARGNAMES = ("spec", "prefill_algorithm", *_KNOBS)
 
 
 def default_implementation() -> str:
@@ -95,7 +100,7 @@ def _attention(spec, query, kv_cache, topk_indices, token_to_req, token_position
 # The jitted body takes only the metadata fields it reads (three arrays and a count): a jitted
 # call's host cost grows with its argument count (CPU, no-op body: 29 us with these arrays, 61 us with the whole
 # 18-leaf metadata), so the public call below unpacks the metadata before the jit boundary.
-_attention_jit = jax.jit(_attention, static_argnames=("spec", "prefill_algorithm", *_KNOBS))
+_attention_jit = jax.jit(_attention, static_argnames=STATIC_ARGNAMES)
 
 
 def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
@@ -104,7 +109,9 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
                      config=None, num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int | None = None):
     """Block-sparse GQA attention of a decode-first batch (contract, section 2). Jitted (the
-    spec and the knobs static); call it directly or from inside a jitted step.
+    spec and the knobs static); call it directly or from inside a jitted step. To jit it
+    yourself, keep its static arguments static:
+    `jax.jit(jax_sparse.sparse_attention, static_argnames=jax_sparse.STATIC_ARGNAMES)`.
 
     Args:
       spec: the layer's static facts (a jit static).
@@ -139,6 +146,9 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
     check_jax_flavour(query=query, kv_cache=kv_cache, topk_indices=topk_indices,
                       k_scale=k_scale, v_scale=v_scale)
     check_metadata(metadata)
+    check_static(spec=spec, implementation=implementation, prefill_algorithm=prefill_algorithm,
+                 config=config, num_splits=num_splits, num_warps=num_warps,
+                 num_stages=num_stages)
     return _attention_jit(spec, query, kv_cache, topk_indices, metadata.token_to_req,
                           metadata.token_positions, metadata.block_table, k_scale, v_scale,
                           metadata.num_decode_tokens, implementation=implementation,
@@ -216,6 +226,10 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
     check_jax_flavour(q=q, kv_cache=kv_cache, topk_idx=topk_idx, block_table=block_table,
                       cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens, prefix_lens=prefix_lens,
                       k_scale=k_scale, v_scale=v_scale)
+    check_static(num_kv_heads=num_kv_heads, sm_scale=sm_scale, kv_cache_layout=kv_cache_layout,
+                 implementation=implementation, prefill_algorithm=prefill_algorithm,
+                 config=config, num_splits=num_splits, num_warps=num_warps,
+                 num_stages=num_stages)
     del max_query_len
     return _seed_prefill_jit(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq_lens,
                              prefix_lens, num_kv_heads, sm_scale, k_scale, v_scale,
@@ -268,6 +282,10 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens,
     """
     check_jax_flavour(q=q, kv_cache=kv_cache, topk_idx=topk_idx, block_table=block_table,
                       seq_lens=seq_lens, k_scale=k_scale, v_scale=v_scale)
+    check_static(num_kv_heads=num_kv_heads, sm_scale=sm_scale,
+                 decode_query_len=decode_query_len, kv_cache_layout=kv_cache_layout,
+                 implementation=implementation, config=config, num_splits=num_splits,
+                 num_warps=num_warps, num_stages=num_stages)
     return _seed_decode_jit(q, kv_cache, topk_idx, block_table, seq_lens, num_kv_heads,
                             sm_scale, decode_query_len, k_scale, v_scale,
                             kv_cache_layout=kv_cache_layout, implementation=implementation,

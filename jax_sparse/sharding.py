@@ -45,7 +45,7 @@ from interop.metadata import ARRAY_FIELDS, COUNT_FIELDS
 from .api import _attention
 from .cache import prepare_write, scatter_kv
 from .validation import (check_attention_inputs, check_jax_flavour, check_metadata, check_scale,
-                         check_slots_when_run, check_write_inputs)
+                         check_slots_when_run, check_static, check_write_inputs)
 
 
 def mesh_sizes(mesh: Mesh, dp_axis: str | None, tp_axis: str | None) -> tuple[int, int]:
@@ -193,6 +193,9 @@ def sharded_sparse_attention(mesh: Mesh, spec: SparseAttentionSpec, query, kv_ca
     check_jax_flavour(query=query, kv_cache=kv_cache, topk_indices=topk_indices,
                       k_scale=k_scale, v_scale=v_scale)
     check_metadata(metadata)
+    check_static(implementation=implementation, prefill_algorithm=prefill_algorithm,
+                 config=config, num_splits=num_splits, num_warps=num_warps,
+                 num_stages=num_stages)
     return _sharded_attention(
         mesh, spec, query, kv_cache, topk_indices, metadata.token_to_req,
         metadata.token_positions, metadata.block_table, metadata.num_decode_tokens, k_scale,

@@ -53,6 +53,18 @@ def check_metadata(metadata) -> None:
     check_jax_flavour(metadata=metadata)
 
 
+def check_static(**static) -> None:
+    """TypeError for a jit-static argument (the spec, the implementation and its knobs) that
+    an outer `jax.jit` turned into a traced array, naming the fix."""
+    for name, value in static.items():
+        if is_traced(value):
+            raise TypeError(
+                f"{name} is traced: an outer jax.jit made it an array, but it picks the compiled "
+                "code and must be static. Mark it static in that jax.jit (for "
+                "jax_sparse.sparse_attention: static_argnames=jax_sparse.STATIC_ARGNAMES), or "
+                "call the jax_sparse function from inside your jitted function")
+
+
 def _check_int(name: str, x, ndim: int) -> None:
     if jnp.ndim(x) != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(jnp.shape(x))}")

@@ -1,5 +1,5 @@
-"""jax_sparse's public surface (issue 20): allocating a cache and the implementations'
-knobs."""
+"""jax_sparse's public surface (issue 20): allocating a cache, the implementations' knobs,
+and `sparse_attention` under an outer `jax.jit`."""
 import numpy as np
 import pytest
 
@@ -148,3 +148,41 @@ def test_configs_reach_the_kernels(rng, implementation, config):
     out = jax_sparse.sparse_attention(*_args(problem), k_scale=k_scale, v_scale=v_scale,
                                       implementation=implementation, config=config)
     assert relative_error(out, _reference(problem)) < TOL
+
+
+# --- sparse_attention under an outer jax.jit ---------------------------------------------------
+
+@pytest.mark.parametrize("implementation, algorithm, knobs", [
+    ("pallas", "union", dict(num_splits=2, num_warps=4, num_stages=1)),
+    ("pallas", "token", dict(config=jax_sparse.PallasConfig(num_splits=4))),
+    ("tpu", "k2q", dict(config=jax_sparse.TpuConfig(tile_tokens=5))),
+    ("xla", "auto", dict(config=jax_sparse.XlaConfig(token_chunk=4)))], ids=str)
+def test_outer_jit_with_every_keyword(rng, implementation, algorithm, knobs):
+    """jax.jit(sparse_attention, static_argnames=STATIC_ARGNAMES) with every keyword, and
+    sparse_attention inside a jitted step: both match the reference."""
+    problem = _problem(rng, "fp8_e4m3", "NHD", "per_slot")
+    spec, q, cache, topk, md = _args(problem)
+    kw = dict(k_scale=jnp.asarray(problem.k_scale), v_scale=jnp.asarray(problem.v_scale),
+              implementation=implementation, prefill_algorithm=algorithm, **knobs)
+    ref = _reference(problem)
+    attend = jax.jit(jax_sparse.sparse_attention, static_argnames=jax_sparse.STATIC_ARGNAMES)
+    assert relative_error(attend(spec, q, cache, topk, md, **kw), ref) < TOL
+
+    @jax.jit
+    def step(q, cache, topk, md, k_scale, v_scale):
+        return jax_sparse.sparse_attention(spec, q, cache, topk, md, **dict(
+            kw, k_scale=k_scale, v_scale=v_scale))
+
+    assert relative_error(step(q, cache, topk, md, kw["k_scale"], kw["v_scale"]), ref) < TOL
+
+
+def test_outer_jit_without_static_knobs_says_how(rng):
+    """jax.jit(sparse_attention, static_argnums=0) (the spec alone static): array keywords
+    work; a knob it traced is a TypeError naming STATIC_ARGNAMES."""
+    problem = _problem(rng)
+    attend = jax.jit(jax_sparse.sparse_attention, static_argnums=0)
+    out = attend(*_args(problem), k_scale=None, v_scale=None)
+    assert relative_error(out, _reference(problem)) < TOL
+    with pytest.raises(TypeError, match=r"num_splits is traced: .*static_argnames="
+                                        r"jax_sparse.STATIC_ARGNAMES"):
+        attend(*_args(problem), num_splits=2)
