@@ -13,6 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from interop import QUERY_DTYPES, SparseAttentionSpec, SparseMetadata
 
@@ -158,7 +159,7 @@ def checks_enabled(checks: bool | None) -> bool:
 
 
 def is_traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
+    return isinstance(x, Tracer)
 
 
 def host_values(x, *, fetch: bool):
