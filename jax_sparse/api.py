@@ -7,6 +7,7 @@ Nothing here reads a traced value on the host.
 """
 from __future__ import annotations
 
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -14,12 +15,22 @@ import jax.numpy as jnp
 from interop import (CACHE_DTYPES, KV_CACHE_STRIDE_ORDERS, SparseAttentionSpec, SparseMetadata,
                      check_prefill_algorithm)
 
-from .dispatch import sparse_attention_pallas
-from .validation import check_attention_inputs, check_jax_flavour, check_metadata, check_scale
-from .xla import sparse_attention_xla
+from .attention import PallasConfig
+from .dispatch import sparse_attention_mosaic, sparse_attention_pallas
+from .mosaic import MosaicConfig
+from .tpu import TpuConfig, sparse_attention_tpu
+from .validation import (check_attention_inputs, check_jax_flavour, check_metadata, check_scale,
+                         check_static)
+from .xla import XlaConfig, sparse_attention_xla
 
 IMPLEMENTATIONS = ("pallas", "mosaic", "tpu", "xla")
-_KNOBS = ("implementation", "num_splits", "num_warps", "num_stages")
+# Each implementation's knobs: a frozen dataclass whose fields are its launcher's keywords.
+CONFIGS = {"pallas": PallasConfig, "mosaic": MosaicConfig, "tpu": TpuConfig, "xla": XlaConfig}
+_KNOBS = ("implementation", "config", "num_splits", "num_warps", "num_stages")
+# The arguments of `sparse_attention` an outer jax.jit must hold static (strings, ints and
+# configs that pick the compiled code): jax.jit(jax_sparse.sparse_attention,
+# static_argnames=jax_sparse.STATIC_ARGNAMES).
+STATIC_ARGNAMES = ("spec", "prefill_algorithm", *_KNOBS)
 
 
 def default_implementation() -> str:
@@ -31,9 +42,32 @@ def default_implementation() -> str:
     return "pallas" if backend in ("gpu", "cpu") else "xla"
 
 
+def implementation_config(implementation: str, config=None, **knobs):
+    """The config `implementation` runs with: `config` (None: its family's default) with the
+    knobs given as keywords (None: not given) set on it.
+
+    A config of another family, or a knob the implementation does not take (num_warps for
+    "mosaic", any knob for "xla"...), is a ValueError: a knob is never silently dropped.
+    """
+    family = CONFIGS[implementation]
+    if config is None:
+        config = family.get_default()
+    elif not isinstance(config, family):
+        raise ValueError(f"config {config!r} is not for implementation={implementation!r}: "
+                         f"expected a jax_sparse.{family.__name__}")
+    fields = [f.name for f in dataclasses.fields(family)]
+    given = {name: value for name, value in knobs.items() if value is not None}
+    for name, value in given.items():
+        if name not in fields:
+            raise ValueError(f"{name}={value!r} is not a knob of implementation="
+                             f"{implementation!r}: it takes {', '.join(fields)} "
+                             f"(jax_sparse.{family.__name__})")
+    return dataclasses.replace(config, **given)
+
+
 def _attention(spec, query, kv_cache, topk_indices, token_to_req, token_positions, block_table,
                k_scale, v_scale, num_decode_tokens, *, implementation, prefill_algorithm,
-               num_splits, num_warps, num_stages):
+               config, num_splits, num_warps, num_stages):
     check_prefill_algorithm(prefill_algorithm)
     num_blocks = check_attention_inputs(spec, query, kv_cache, topk_indices, token_to_req,
                                         token_positions, block_table)
@@ -41,44 +75,43 @@ def _attention(spec, query, kv_cache, topk_indices, token_to_req, token_position
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation {implementation!r} is unknown; expected one of "
                          f"{', '.join(map(repr, IMPLEMENTATIONS))}")
+    config = implementation_config(implementation, config, num_splits=num_splits,
+                                   num_warps=num_warps, num_stages=num_stages)
+    splits = getattr(config, "num_splits", None)
+    if splits is not None and spec.topk_blocks % splits:
+        raise ValueError(f"num_splits {splits!r} must be a positive divisor of "
+                         f"topk_blocks ({spec.topk_blocks})")
     num_tokens = query.shape[0]
     i32 = lambda x: x.astype(jnp.int32)  # noqa: E731
     args = (spec, query, kv_cache, i32(topk_indices), i32(token_to_req[:num_tokens]),
             i32(token_positions[:num_tokens]), i32(block_table),
             check_scale("k_scale", k_scale, spec, num_blocks),
             check_scale("v_scale", v_scale, spec, num_blocks))
+    knobs = dataclasses.asdict(config)
     if implementation == "xla":
-        return sparse_attention_xla(*args)
-    num_decode_tokens = jnp.asarray(num_decode_tokens, jnp.int32)
-    if implementation == "tpu":
-        from .tpu import sparse_attention_tpu
-        return sparse_attention_tpu(*args, num_decode_tokens=num_decode_tokens,
-                                    prefill_algorithm=prefill_algorithm)
-    if implementation == "mosaic":
-        from .dispatch import sparse_attention_mosaic
-        return sparse_attention_mosaic(*args, num_decode_tokens=num_decode_tokens,
-                                       prefill_algorithm=prefill_algorithm)
-    if num_splits is not None and (num_splits < 1 or spec.topk_blocks % num_splits):
-        raise ValueError(f"num_splits {num_splits!r} must be a positive divisor of "
-                         f"topk_blocks ({spec.topk_blocks})")
-    return sparse_attention_pallas(*args, num_decode_tokens=num_decode_tokens,
-                                   prefill_algorithm=prefill_algorithm, num_splits=num_splits,
-                                   num_warps=num_warps, num_stages=num_stages)
+        return sparse_attention_xla(*args, **knobs)
+    paths = {"pallas": sparse_attention_pallas, "mosaic": sparse_attention_mosaic,
+             "tpu": sparse_attention_tpu}
+    return paths[implementation](*args, num_decode_tokens=jnp.asarray(num_decode_tokens,
+                                                                       jnp.int32),
+                                 prefill_algorithm=prefill_algorithm, **knobs)
 
 
 # The jitted body takes only the metadata fields it reads (three arrays and a count): a jitted
 # call's host cost grows with its argument count (CPU, no-op body: 29 us with these arrays, 61 us with the whole
 # 18-leaf metadata), so the public call below unpacks the metadata before the jit boundary.
-_attention_jit = jax.jit(_attention, static_argnames=("spec", "prefill_algorithm", *_KNOBS))
+_attention_jit = jax.jit(_attention, static_argnames=STATIC_ARGNAMES)
 
 
 def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
                      metadata: SparseMetadata, *, k_scale=None, v_scale=None,
                      implementation: str | None = None, prefill_algorithm: str = "auto",
-                     num_splits: int | None = None, num_warps: int | None = None,
-                     num_stages: int = 2):
+                     config=None, num_splits: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None):
     """Block-sparse GQA attention of a decode-first batch (contract, section 2). Jitted (the
-    spec and the knobs static); call it directly or from inside a jitted step.
+    spec and the knobs static); call it directly or from inside a jitted step. To jit it
+    yourself, keep its static arguments static:
+    `jax.jit(jax_sparse.sparse_attention, static_argnames=jax_sparse.STATIC_ARGNAMES)`.
 
     Args:
       spec: the layer's static facts (a jit static).
@@ -97,8 +130,12 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
       prefill_algorithm: the Pallas path of the prefill tokens (a jit static): "auto" (the
         dispatcher, `jax_sparse.dispatch`), "token", "union" or "k2q"; every value gives the
         same result within rounding. The XLA implementation checks it and has one path.
-      num_splits / num_warps / num_stages: the token kernel's knobs (splits of each top-k row;
-        default from the static shapes).
+      config: the implementation's knobs, its family's frozen dataclass (CONFIGS:
+        PallasConfig, MosaicConfig, TpuConfig, XlaConfig); None: `get_default()`.
+      num_splits / num_warps / num_stages: knobs set on that config (None: not given):
+        "pallas" takes all three (the token kernel's splits of each top-k row, Triton warps
+        and pipeline stages), "mosaic" num_splits; a knob the implementation does not take
+        is a ValueError.
     Returns: [num_tokens, num_heads, head_size] in the query dtype; zeros for tokens with no
       valid entry and for padding tokens. Garbage in (contract, section 5): a query row with a
       NaN or Inf gives a NaN row when it attends a key (zeros when it attends none), a NaN in
@@ -109,11 +146,14 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
     check_jax_flavour(query=query, kv_cache=kv_cache, topk_indices=topk_indices,
                       k_scale=k_scale, v_scale=v_scale)
     check_metadata(metadata)
+    check_static(spec=spec, implementation=implementation, prefill_algorithm=prefill_algorithm,
+                 config=config, num_splits=num_splits, num_warps=num_warps,
+                 num_stages=num_stages)
     return _attention_jit(spec, query, kv_cache, topk_indices, metadata.token_to_req,
                           metadata.token_positions, metadata.block_table, k_scale, v_scale,
                           metadata.num_decode_tokens, implementation=implementation,
-                          prefill_algorithm=prefill_algorithm, num_splits=num_splits,
-                          num_warps=num_warps, num_stages=num_stages)
+                          prefill_algorithm=prefill_algorithm, config=config,
+                          num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
 
 
 def _seed_spec(q, kv_cache, topk_idx, num_kv_heads: int, sm_scale, layout: str):
@@ -145,7 +185,7 @@ def _seed_spec(q, kv_cache, topk_idx, num_kv_heads: int, sm_scale, layout: str):
 
 def _seed_prefill(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq_lens, prefix_lens,
                   num_kv_heads, sm_scale, k_scale, v_scale, *, kv_cache_layout, implementation,
-                  prefill_algorithm, num_splits, num_warps, num_stages):
+                  prefill_algorithm, config, num_splits, num_warps, num_stages):
     spec = _seed_spec(q, kv_cache, topk_idx, num_kv_heads, sm_scale, kv_cache_layout)
     num_reqs = seq_lens.shape[0]
     tokens = jnp.arange(q.shape[0], dtype=jnp.int32)
@@ -155,7 +195,7 @@ def _seed_prefill(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq_lens, pr
     positions = jnp.where((tokens < starts[-1]) & (positions < seq_lens[req]), positions, -1)
     return _attention(spec, q, kv_cache, topk_idx, req, positions, block_table, k_scale,
                       v_scale, 0, implementation=implementation,
-                      prefill_algorithm=prefill_algorithm, num_splits=num_splits,
+                      prefill_algorithm=prefill_algorithm, config=config, num_splits=num_splits,
                       num_warps=num_warps, num_stages=num_stages)
 
 
@@ -167,8 +207,8 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
                            prefix_lens, max_query_len, num_kv_heads: int, sm_scale: float,
                            k_scale=None, v_scale=None, *, kv_cache_layout: str = "NHD",
                            implementation: str | None = None, prefill_algorithm: str = "auto",
-                           num_splits: int | None = None, num_warps: int | None = None,
-                           num_stages: int = 2):
+                           config=None, num_splits: int | None = None,
+                           num_warps: int | None = None, num_stages: int | None = None):
     """The seed's prefill call, returning the output.
 
     Args:
@@ -186,12 +226,16 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
     check_jax_flavour(q=q, kv_cache=kv_cache, topk_idx=topk_idx, block_table=block_table,
                       cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens, prefix_lens=prefix_lens,
                       k_scale=k_scale, v_scale=v_scale)
+    check_static(num_kv_heads=num_kv_heads, sm_scale=sm_scale, kv_cache_layout=kv_cache_layout,
+                 implementation=implementation, prefill_algorithm=prefill_algorithm,
+                 config=config, num_splits=num_splits, num_warps=num_warps,
+                 num_stages=num_stages)
     del max_query_len
     return _seed_prefill_jit(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq_lens,
                              prefix_lens, num_kv_heads, sm_scale, k_scale, v_scale,
                              kv_cache_layout=kv_cache_layout, implementation=implementation,
-                             prefill_algorithm=prefill_algorithm, num_splits=num_splits,
-                             num_warps=num_warps, num_stages=num_stages)
+                             prefill_algorithm=prefill_algorithm, config=config,
+                             num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
 
 
 # jit's compile-cache probe, as on a jitted function (the no-recompile tests read it).
@@ -200,7 +244,7 @@ minimax_m3_sparse_attn._cache_size = _seed_prefill_jit._cache_size
 
 def _seed_decode(q, kv_cache, topk_idx, block_table, seq_lens, num_kv_heads, sm_scale,
                  decode_query_len, k_scale, v_scale, *, kv_cache_layout, implementation,
-                 num_splits, num_warps, num_stages):
+                 config, num_splits, num_warps, num_stages):
     if not isinstance(decode_query_len, int) or decode_query_len < 1:
         raise ValueError(f"decode_query_len must be an int >= 1, got {decode_query_len!r}")
     spec = _seed_spec(q, kv_cache, topk_idx, num_kv_heads, sm_scale, kv_cache_layout)
@@ -212,8 +256,8 @@ def _seed_decode(q, kv_cache, topk_idx, block_table, seq_lens, num_kv_heads, sm_
     positions = jnp.where(req < num_reqs, positions, -1)
     return _attention(spec, q, kv_cache, topk_idx, jnp.minimum(req, num_reqs - 1), positions,
                       block_table, k_scale, v_scale, q.shape[0], implementation=implementation,
-                      prefill_algorithm="token", num_splits=num_splits, num_warps=num_warps,
-                      num_stages=num_stages)
+                      prefill_algorithm="token", config=config, num_splits=num_splits,
+                      num_warps=num_warps, num_stages=num_stages)
 
 
 _seed_decode_jit = jax.jit(_seed_decode, static_argnames=(
@@ -223,9 +267,9 @@ _seed_decode_jit = jax.jit(_seed_decode, static_argnames=(
 def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens,
                                   num_kv_heads: int, sm_scale: float, decode_query_len: int,
                                   k_scale=None, v_scale=None, *, kv_cache_layout: str = "NHD",
-                                  implementation: str | None = None,
+                                  implementation: str | None = None, config=None,
                                   num_splits: int | None = None, num_warps: int | None = None,
-                                  num_stages: int = 2):
+                                  num_stages: int | None = None):
     """The seed's decode call, returning the output.
 
     Args:
@@ -238,10 +282,15 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens,
     """
     check_jax_flavour(q=q, kv_cache=kv_cache, topk_idx=topk_idx, block_table=block_table,
                       seq_lens=seq_lens, k_scale=k_scale, v_scale=v_scale)
+    check_static(num_kv_heads=num_kv_heads, sm_scale=sm_scale,
+                 decode_query_len=decode_query_len, kv_cache_layout=kv_cache_layout,
+                 implementation=implementation, config=config, num_splits=num_splits,
+                 num_warps=num_warps, num_stages=num_stages)
     return _seed_decode_jit(q, kv_cache, topk_idx, block_table, seq_lens, num_kv_heads,
                             sm_scale, decode_query_len, k_scale, v_scale,
                             kv_cache_layout=kv_cache_layout, implementation=implementation,
-                            num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+                            config=config, num_splits=num_splits, num_warps=num_warps,
+                            num_stages=num_stages)
 
 
 minimax_m3_sparse_attn_decode._cache_size = _seed_decode_jit._cache_size

@@ -13,6 +13,7 @@ backend; elsewhere it runs in interpret mode.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -25,6 +26,7 @@ from interop import SparseAttentionSpec
 
 from .pages import cache_operand, load_page
 from .selection import LOG2E, MASK_VALUE, first_in_row, key_mask, select_pages
+from .validation import check_knobs
 
 # Grid programs worth filling before splitting the top-k blocks further (about two waves of
 # an H100's 132 SMs). H100, per layer inside an 8-layer jitted decode step, L2 cold
@@ -52,6 +54,30 @@ def default_num_splits(num_tokens: int, num_kv_heads: int, topk_blocks: int) -> 
            and num_tokens * num_kv_heads * splits * 2 <= TARGET_PROGRAMS):
         splits *= 2
     return splits
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasConfig:
+    """The knobs of implementation="pallas": the token kernel's (the union and k2q kernels take
+    theirs from their modules' constants). Field names are `paged_sparse_attention`'s keywords.
+
+      num_splits: splits of each top-k row, a divisor of topk_blocks; None: from the static
+        shapes (`default_num_splits`).
+      num_warps: Triton warps per program; None: 8 for grids of at most WIDE_GRID (token, KV
+        head) pairs over a 16-bit cache, else 4.
+      num_stages: Triton software-pipeline stages of the page loop.
+    """
+
+    num_splits: int | None = None
+    num_warps: int | None = None
+    num_stages: int = 2
+
+    def __post_init__(self):
+        check_knobs(self, num_splits=1, num_warps=1, num_stages=1)
+
+    @classmethod
+    def get_default(cls) -> "PallasConfig":
+        return cls()
 
 
 def _scale(scale_ref, head, slots):

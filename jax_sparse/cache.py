@@ -1,6 +1,7 @@
-"""The paged cache: allocating it (`allocate_kv_cache`) and writing new K/V into it: one scatter that XLA performs in place when the
-cache is donated (the default here), with FP8 quantization on the way in. Plain XLA, so it is
-the write path of every implementation and platform (GPU, TPU, CPU): no kernel needed.
+"""The paged cache: allocating it (`allocate_kv_cache`), and writing new K/V into it
+(`write_kv`): one scatter that XLA performs in place when the cache is donated (the default
+here), with FP8 quantization on the way in. Plain XLA, so it is the write path of every
+implementation and platform (GPU, TPU, CPU): no kernel needed.
 
 Slots (contract, section 5): a negative slot is padding and is skipped; a slot past the cache
 is never written (the scatter drops it). Where reading the slots is free (a NumPy

@@ -170,12 +170,12 @@ def mosaic_prefill_path(spec: SparseAttentionSpec, num_tokens: int, cache_dtype,
 def sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
                             token_to_req, token_positions, block_table, k_scale=None,
                             v_scale=None, *, num_decode_tokens, prefill_algorithm: str = "auto",
-                            num_splits: int | None = None, num_stages: int | None = None):
+                            num_splits: int | None = None, pages_in_flight: int | None = None):
     """Attention of a decode-first batch on the Mosaic GPU kernels (`implementation="mosaic"`);
     inputs already validated (as `attention.paged_sparse_attention` takes them).
 
     num_decode_tokens: int32 scalar (traced); prefill_algorithm: see `mosaic_prefill_path`;
-    num_splits / num_stages: the token kernel's knobs.
+    num_splits / pages_in_flight: the token kernel's knobs (`mosaic.MosaicConfig`).
     Raises RuntimeError (at trace time) where Mosaic GPU cannot run
     (`mosaic.mosaic_unavailable_reason`).
     """
@@ -187,7 +187,7 @@ def sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, topk_ind
         return token_path(spec, query, kv_cache, topk_indices, token_to_req, token_positions,
                           block_table, k_scale, v_scale, num_decode_tokens=num_decode_tokens,
                           prefill_algorithm=prefill_algorithm, num_splits=num_splits,
-                          num_stages=num_stages)
+                          pages_in_flight=pages_in_flight)
     reason = mosaic_unavailable_reason()
     if reason is not None:
         raise RuntimeError(f'implementation="mosaic" cannot run here: {reason}. Use '
@@ -208,7 +208,7 @@ def sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, topk_ind
                           jnp.where(valid, token_positions[row], -1), block_table, k_scale,
                           v_scale, num_decode_tokens=num_decode_tokens,
                           prefill_algorithm=prefill_algorithm, num_splits=num_splits,
-                          num_stages=num_stages)
+                          pages_in_flight=pages_in_flight)
 
     return run_on_rows(token_rows, rest, out)
 

@@ -31,6 +31,7 @@ says why not. The module imports without either: plgpu is imported when a kernel
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -44,13 +45,14 @@ from interop import SparseAttentionSpec, check_prefill_algorithm
 
 from .attention import _merge_splits, default_num_splits
 from .selection import LOG2E, MASK_VALUE, select_rows
+from .validation import check_knobs
 
 WGMMA_ROWS = 64  # wgmma's M: one warpgroup's smallest tile of query rows
 TMA_ROWS = 8     # query / output rows move in multiples of the 8-row shared-memory tile
-# Pipeline depth (pages in flight) that fits in the 227 KB of shared memory per block: 16-bit
-# pages are 64 KB (K + V) a stage; FP8 pages 32 KB, plus one 64 KB dequantized K/V tile.
-STAGES_16BIT = 2
-STAGES_FP8 = 3
+# Pages in flight (the TMA pipeline's depth) that fit in the 227 KB of shared memory per block:
+# 16-bit pages are 64 KB (K + V) a slot; FP8 pages 32 KB, plus one 64 KB dequantized K/V tile.
+PAGES_IN_FLIGHT_16BIT = 2
+PAGES_IN_FLIGHT_FP8 = 3
 # Shared memory one block of an H100 may use, and how Mosaic GPU fills it: each buffer
 # aligned to 1 KB, 8 bytes a barrier, 2 KB reserved for reductions (CompilerParams'
 # reduction_scratch_bytes). H100: a 3-stage 16-bit pipeline with a 16-bit output asked for
@@ -61,6 +63,28 @@ _SMEM_ALIGN, _BARRIER_BYTES, _REDUCTION_BYTES = 1024, 8, 2048
 # Warpgroup, infers them).
 SEMANTICS = "Lane"
 _GRID = "programs"  # the kernel's one grid axis: (token, KV head, split), split fastest
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """The knobs of implementation="mosaic" (`paged_sparse_attention_mosaic`'s keywords).
+
+      num_splits: splits of each row's valid pages, a divisor of topk_blocks; None: from the
+        static shapes (`attention.default_num_splits`).
+      pages_in_flight: pages whose TMA copies run ahead of the compute (shared-memory slots
+        of K and V); None: the deepest of PAGES_IN_FLIGHT_16BIT / PAGES_IN_FLIGHT_FP8 that
+        fits shared memory. (Not Triton's num_stages, which no Mosaic GPU kernel takes.)
+    """
+
+    num_splits: int | None = None
+    pages_in_flight: int | None = None
+
+    def __post_init__(self):
+        check_knobs(self, num_splits=1, pages_in_flight=1)
+
+    @classmethod
+    def get_default(cls) -> "MosaicConfig":
+        return cls()
 
 
 def _plgpu():
@@ -346,7 +370,7 @@ def _transforms(dtype):
 def paged_sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
                                   token_to_req, token_positions, block_table, k_scale=None,
                                   v_scale=None, *, num_splits: int | None = None,
-                                  num_stages: int | None = None):
+                                  pages_in_flight: int | None = None):
     """Launch the Mosaic GPU kernel over a decode-first (or any) batch; inputs already
     validated, every array as `attention.paged_sparse_attention` takes it (k_scale / v_scale:
     None, [1] or per slot). Builds the kernel whatever the platform (no availability check:
@@ -355,7 +379,7 @@ def paged_sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, to
     Args:
       num_splits: splits of each row's valid pages (a divisor of topk_blocks); default
         `attention.default_num_splits`.
-      num_stages: pages in flight (default STAGES_16BIT / STAGES_FP8).
+      pages_in_flight: pages whose copies run ahead of the compute (`MosaicConfig`).
     Returns: [num_tokens, num_heads, head_size] in the query dtype.
     """
     plgpu = _plgpu()
@@ -376,13 +400,14 @@ def paged_sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, to
         scratch_layout, rows=rows, block_size=block_size, head_size=head_size,
         cache_dtype=kv_cache.dtype, compute_dtype=cdt, out_dtype=out_dtype, per_slot=per_slot)
     footprint = lambda n: smem_bytes(layout(n))  # noqa: E731
-    stages = num_stages or (STAGES_FP8 if fp8 else STAGES_16BIT)
-    if num_stages is None:  # the deepest default pipeline that fits
+    MosaicConfig(num_splits, pages_in_flight)  # checks both
+    stages = pages_in_flight or (PAGES_IN_FLIGHT_FP8 if fp8 else PAGES_IN_FLIGHT_16BIT)
+    if pages_in_flight is None:  # the deepest default pipeline that fits
         while stages > 1 and footprint(stages) > SMEM_BYTES:
             stages -= 1
     if stages < 1 or footprint(stages) > SMEM_BYTES:
-        raise ValueError(f"num_stages {stages} needs {footprint(stages)} bytes of shared memory "
-                         f"at these shapes; at most {SMEM_BYTES} are available")
+        raise ValueError(f"pages_in_flight {stages} needs {footprint(stages)} bytes of shared "
+                         f"memory at these shapes; at most {SMEM_BYTES} are available")
 
     pages, num_keys, counts = plan_pages(spec, topk_indices, token_to_req, token_positions,
                                          block_table, num_blocks)
@@ -430,7 +455,7 @@ def paged_sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, to
 def sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
                             token_to_req, token_positions, block_table, k_scale=None,
                             v_scale=None, *, num_decode_tokens, prefill_algorithm: str = "auto",
-                            num_splits: int | None = None, num_stages: int | None = None):
+                            num_splits: int | None = None, pages_in_flight: int | None = None):
     """Attention of a decode-first batch on the Mosaic GPU kernel (`implementation="mosaic"`);
     inputs already validated (as `paged_sparse_attention_mosaic` takes them).
 
@@ -448,4 +473,5 @@ def sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, topk_ind
                            'implementation=None (the platform default) or "pallas"/"xla".')
     return paged_sparse_attention_mosaic(spec, query, kv_cache, topk_indices, token_to_req,
                                          token_positions, block_table, k_scale, v_scale,
-                                         num_splits=num_splits, num_stages=num_stages)
+                                         num_splits=num_splits,
+                                         pages_in_flight=pages_in_flight)

@@ -45,7 +45,7 @@ from interop.metadata import ARRAY_FIELDS, COUNT_FIELDS
 from .api import _attention
 from .cache import prepare_write, scatter_kv
 from .validation import (check_attention_inputs, check_jax_flavour, check_metadata, check_scale,
-                         check_slots_when_run, check_write_inputs)
+                         check_slots_when_run, check_static, check_write_inputs)
 
 
 def mesh_sizes(mesh: Mesh, dp_axis: str | None, tp_axis: str | None) -> tuple[int, int]:
@@ -121,11 +121,12 @@ def _shard_map(body, mesh, in_specs, out_specs, args):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "mesh", "spec", "dp_axis", "tp_axis", "implementation", "prefill_algorithm", "num_splits",
-    "num_warps", "num_stages"))
+    "mesh", "spec", "dp_axis", "tp_axis", "implementation", "prefill_algorithm", "config",
+    "num_splits", "num_warps", "num_stages"))
 def _sharded_attention(mesh, spec, query, kv_cache, topk_indices, token_to_req, token_positions,
                        block_table, num_decode_tokens, k_scale, v_scale, *, dp_axis, tp_axis,
-                       implementation, prefill_algorithm, num_splits, num_warps, num_stages):
+                       implementation, prefill_algorithm, config, num_splits, num_warps,
+                       num_stages):
     check_prefill_algorithm(prefill_algorithm)
     dp, tp = mesh_sizes(mesh, dp_axis, tp_axis)
     local = shard_spec(spec, tp)
@@ -148,7 +149,8 @@ def _sharded_attention(mesh, spec, query, kv_cache, topk_indices, token_to_req, 
         return _attention(local, query, kv_cache, topk_indices, token_to_req, token_positions,
                           block_table, k_scale, v_scale, num_decode_tokens[0],
                           implementation=implementation, prefill_algorithm=prefill_algorithm,
-                          num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+                          config=config, num_splits=num_splits, num_warps=num_warps,
+                          num_stages=num_stages)
 
     in_specs = (P(dp_axis, tp_axis), _cache_partition(spec, dp_axis, tp_axis),
                 P(tp_axis, dp_axis), P(dp_axis), P(dp_axis), P(dp_axis), P(dp_axis),
@@ -162,8 +164,8 @@ def sharded_sparse_attention(mesh: Mesh, spec: SparseAttentionSpec, query, kv_ca
                              topk_indices, metadata: SparseMetadata, *, dp_axis: str | None = "dp",
                              tp_axis: str | None = "tp", k_scale=None, v_scale=None,
                              implementation: str | None = None, prefill_algorithm: str = "auto",
-                             num_splits: int | None = None, num_warps: int | None = None,
-                             num_stages: int = 2):
+                             config=None, num_splits: int | None = None,
+                             num_warps: int | None = None, num_stages: int | None = None):
     """`sparse_attention` on a mesh: KV heads over `tp_axis`, DP ranks' batches over `dp_axis`.
 
     Jitted (mesh, spec, axes and knobs static); call it directly or inside a jitted step.
@@ -183,7 +185,7 @@ def sharded_sparse_attention(mesh: Mesh, spec: SparseAttentionSpec, query, kv_ca
         num_decode_tokens [dp] are read, each sharded on dp_axis.
       k_scale / v_scale: FP8 caches only: None, one scale (replicated) or [num_kv_heads,
         dp * num_blocks * block_size] float32 by slot, sharded (tp_axis, dp_axis).
-      implementation, prefill_algorithm, num_splits / num_warps / num_stages: as in
+      implementation, prefill_algorithm, config, num_splits / num_warps / num_stages: as in
         `sparse_attention`, for every shard.
     Returns: [dp * T, num_heads, head_size] in the query dtype, sharded (dp_axis, tp_axis):
       rank d's rows are [d * T, (d + 1) * T), each device holding its KV heads' query heads.
@@ -191,12 +193,15 @@ def sharded_sparse_attention(mesh: Mesh, spec: SparseAttentionSpec, query, kv_ca
     check_jax_flavour(query=query, kv_cache=kv_cache, topk_indices=topk_indices,
                       k_scale=k_scale, v_scale=v_scale)
     check_metadata(metadata)
+    check_static(implementation=implementation, prefill_algorithm=prefill_algorithm,
+                 config=config, num_splits=num_splits, num_warps=num_warps,
+                 num_stages=num_stages)
     return _sharded_attention(
         mesh, spec, query, kv_cache, topk_indices, metadata.token_to_req,
         metadata.token_positions, metadata.block_table, metadata.num_decode_tokens, k_scale,
         v_scale, dp_axis=dp_axis, tp_axis=tp_axis, implementation=implementation,
-        prefill_algorithm=prefill_algorithm, num_splits=num_splits, num_warps=num_warps,
-        num_stages=num_stages)
+        prefill_algorithm=prefill_algorithm, config=config, num_splits=num_splits,
+        num_warps=num_warps, num_stages=num_stages)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "spec", "dp_axis", "tp_axis",

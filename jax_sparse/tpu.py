@@ -69,6 +69,7 @@ NHD and HND pages are the same bytes.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -80,10 +81,30 @@ from jax.experimental.pallas import tpu as pltpu
 from interop import SparseAttentionSpec, check_prefill_algorithm
 
 from .selection import MASK_VALUE, select_rows
+from .validation import check_knobs
 
 TILE_TOKENS = 8      # tokens per program: their pages stream through one DMA ring
 PIPELINE_DEPTH = 4   # VMEM slots per ring: up to 3 page copies in flight behind the one in use
 _PAGE, _KEYS, _TOKEN = range(3)  # rows of a work list
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuConfig:
+    """The knobs of implementation="tpu" (`paged_sparse_attention_tpu`'s keywords).
+
+      tile_tokens: tokens per program; None: min(TILE_TOKENS, num_tokens).
+      pipeline_depth: VMEM ring slots per K / V stream, >= 2 (2: double buffering).
+    """
+
+    tile_tokens: int | None = None
+    pipeline_depth: int = PIPELINE_DEPTH
+
+    def __post_init__(self):
+        check_knobs(self, tile_tokens=1, pipeline_depth=2)
+
+    @classmethod
+    def get_default(cls) -> "TpuConfig":
+        return cls()
 
 
 def row_tile(num_queries_per_kv: int, dtype) -> int:
@@ -272,10 +293,7 @@ def paged_sparse_attention_tpu(spec: SparseAttentionSpec, query, kv_cache, topk_
     """
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads, group, bs = spec.num_kv_heads, spec.num_queries_per_kv, spec.block_size
-    if pipeline_depth < 2:
-        raise ValueError(f"pipeline_depth ({pipeline_depth}) must be >= 2")
-    if tile_tokens is not None and tile_tokens < 1:
-        raise ValueError(f"tile_tokens ({tile_tokens}) must be >= 1")
+    TpuConfig(tile_tokens, pipeline_depth)  # checks both
     tile = tile_tokens or min(TILE_TOKENS, num_tokens)
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
@@ -320,6 +338,7 @@ def paged_sparse_attention_tpu(spec: SparseAttentionSpec, query, kv_cache, topk_
 def sparse_attention_tpu(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
                          token_to_req, token_positions, block_table, k_scale=None,
                          v_scale=None, *, num_decode_tokens, prefill_algorithm: str = "auto",
+                         tile_tokens: int | None = None, pipeline_depth: int = PIPELINE_DEPTH,
                          interpret=None):
     """`implementation="tpu"` of `jax_sparse.sparse_attention`: the whole decode-first batch in
     one launch of `paged_sparse_attention_tpu` (arguments as there, inputs validated).
@@ -333,4 +352,5 @@ def sparse_attention_tpu(spec: SparseAttentionSpec, query, kv_cache, topk_indice
     check_prefill_algorithm(prefill_algorithm)
     return paged_sparse_attention_tpu(spec, query, kv_cache, topk_indices, token_to_req,
                                       token_positions, block_table, k_scale, v_scale,
+                                      tile_tokens=tile_tokens, pipeline_depth=pipeline_depth,
                                       interpret=interpret)

@@ -13,6 +13,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from interop import QUERY_DTYPES, SparseAttentionSpec, SparseMetadata
 
@@ -51,6 +52,18 @@ def check_metadata(metadata) -> None:
                         f"(interop.to_jax(interop.build_metadata(...))), got "
                         f"{type(metadata).__name__}")
     check_jax_flavour(metadata=metadata)
+
+
+def check_static(**static) -> None:
+    """TypeError for a jit-static argument (the spec, the implementation and its knobs) that
+    an outer `jax.jit` turned into a traced array, naming the fix."""
+    for name, value in static.items():
+        if is_traced(value):
+            raise TypeError(
+                f"{name} is traced: an outer jax.jit made it an array, but it picks the compiled "
+                "code and must be static. Mark it static in that jax.jit (for "
+                "jax_sparse.sparse_attention: static_argnames=jax_sparse.STATIC_ARGNAMES), or "
+                "call the jax_sparse function from inside your jitted function")
 
 
 def _check_int(name: str, x, ndim: int) -> None:
@@ -125,6 +138,16 @@ def check_write_inputs(spec: SparseAttentionSpec, kv_cache, key, value, slot_map
     return num_blocks
 
 
+def check_knobs(config, **minimums) -> None:
+    """A config dataclass's knobs: each None (chosen at launch) or an int >= its minimum."""
+    for name, minimum in minimums.items():
+        value = getattr(config, name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value < minimum):
+            raise ValueError(f"{name} ({value!r}) must be >= {minimum}, an int "
+                             f"({type(config).__name__})")
+
+
 # --- slot values ----------------------------------------------------------------------------
 
 def checks_enabled(checks: bool | None) -> bool:
@@ -136,7 +159,7 @@ def checks_enabled(checks: bool | None) -> bool:
 
 
 def is_traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
+    return isinstance(x, Tracer)
 
 
 def host_values(x, *, fetch: bool):

@@ -7,12 +7,34 @@ only `token_chunk` tokens are alive at once.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 from jax import lax
 
 from interop import SparseAttentionSpec
 
 from .selection import key_mask, select_rows
+from .validation import check_knobs
+
+TOKEN_CHUNK = 8  # tokens whose gathered pages are alive at once
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaConfig:
+    """The knob of implementation="xla" (`sparse_attention_xla`'s keyword).
+
+      token_chunk: tokens gathered and attended at once (`lax.map`'s batch size).
+    """
+
+    token_chunk: int = TOKEN_CHUNK
+
+    def __post_init__(self):
+        check_knobs(self, token_chunk=1)
+
+    @classmethod
+    def get_default(cls) -> "XlaConfig":
+        return cls()
 
 
 def _gather_pages(kv_cache, kv: int, pages, layout: str):
@@ -35,7 +57,7 @@ def _apply_scale(x, scale, pages, block_size: int):
 
 def sparse_attention_xla(spec: SparseAttentionSpec, query, kv_cache, topk_indices, token_to_req,
                          token_positions, block_table, k_scale=None, v_scale=None, *,
-                         token_chunk: int = 8):
+                         token_chunk: int = TOKEN_CHUNK):
     """Same arguments and result as `attention.paged_sparse_attention` (see there)."""
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads, group, bs = spec.num_kv_heads, spec.num_queries_per_kv, spec.block_size

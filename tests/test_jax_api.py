@@ -8,7 +8,7 @@ from interop.testing import random_problem, relative_error
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 
 import jax_sparse  # noqa: E402
 
@@ -84,3 +84,105 @@ def test_allocated_cache_written_then_read(rng):
                                       problem.topk_indices, md, problem.k_scale,
                                       problem.v_scale)
     assert relative_error(out, ref) < TOL
+
+
+# --- the implementations' knobs ----------------------------------------------------------------
+
+def _args(problem):
+    return (problem.spec, jnp.asarray(problem.query), jnp.asarray(problem.kv_cache),
+            jnp.asarray(problem.topk_indices), interop.to_jax(problem.metadata))
+
+
+def _reference(problem):
+    return interop.reference_attention(problem.spec, problem.query, problem.kv_cache,
+                                       problem.topk_indices, problem.metadata,
+                                       problem.k_scale, problem.v_scale)
+
+
+@pytest.mark.parametrize("implementation, knob, takes", [
+    ("xla", "num_splits", "token_chunk"), ("xla", "num_warps", "token_chunk"),
+    ("xla", "num_stages", "token_chunk"), ("tpu", "num_splits", "tile_tokens, pipeline_depth"),
+    ("tpu", "num_warps", "tile_tokens"), ("tpu", "num_stages", "tile_tokens"),
+    ("mosaic", "num_warps", "num_splits, pages_in_flight"),
+    ("mosaic", "num_stages", "num_splits, pages_in_flight")])
+def test_a_knob_the_implementation_ignores_is_an_error(rng, implementation, knob, takes):
+    problem = _problem(rng)
+    with pytest.raises(ValueError, match=rf"{knob}=2 is not a knob of implementation="
+                                         rf"'{implementation}': it takes {takes}"):
+        jax.eval_shape(lambda *a: jax_sparse.sparse_attention(
+            problem.spec, *a, implementation=implementation, **{knob: 2}), *_args(problem)[1:])
+
+
+def test_configs(rng):
+    problem = _problem(rng)
+    for family in jax_sparse.CONFIGS.values():
+        assert family.get_default() == family(), family
+        hash(family.get_default())  # a jit static
+    with pytest.raises(ValueError, match=r"config XlaConfig\(token_chunk=8\) is not for "
+                                         r"implementation='pallas': expected a "
+                                         r"jax_sparse.PallasConfig"):
+        jax_sparse.sparse_attention(*_args(problem), implementation="pallas",
+                                    config=jax_sparse.XlaConfig())
+    for make, match in [(lambda: jax_sparse.PallasConfig(num_splits=0), r"num_splits \(0\) must "
+                         r"be >= 1, an int \(PallasConfig\)"),
+                        (lambda: jax_sparse.PallasConfig(num_warps=2.5), r"num_warps \(2.5\)"),
+                        (lambda: jax_sparse.MosaicConfig(pages_in_flight=0), r"pages_in_flight"),
+                        (lambda: jax_sparse.TpuConfig(pipeline_depth=1), r"pipeline_depth \(1\) "
+                         r"must be >= 2"),
+                        (lambda: jax_sparse.XlaConfig(token_chunk=0), r"token_chunk \(0\)")]:
+        with pytest.raises(ValueError, match=match):
+            make()
+    # Loose knobs go onto the given config.
+    config = jax_sparse.implementation_config("pallas", jax_sparse.PallasConfig(num_warps=4),
+                                              num_splits=2, num_stages=None)
+    assert config == jax_sparse.PallasConfig(num_splits=2, num_warps=4, num_stages=2)
+
+
+@pytest.mark.parametrize("implementation, config", [
+    ("pallas", jax_sparse.PallasConfig(num_splits=2, num_warps=4, num_stages=1)),
+    ("tpu", jax_sparse.TpuConfig(tile_tokens=3, pipeline_depth=2)),
+    ("xla", jax_sparse.XlaConfig(token_chunk=3))], ids=lambda v: str(v)[:12])
+def test_configs_reach_the_kernels(rng, implementation, config):
+    problem = _problem(rng, "fp8_e4m3", "HND", "per_slot")
+    k_scale, v_scale = (jnp.asarray(s) for s in (problem.k_scale, problem.v_scale))
+    out = jax_sparse.sparse_attention(*_args(problem), k_scale=k_scale, v_scale=v_scale,
+                                      implementation=implementation, config=config)
+    assert relative_error(out, _reference(problem)) < TOL
+
+
+# --- sparse_attention under an outer jax.jit ---------------------------------------------------
+
+@pytest.mark.parametrize("implementation, algorithm, knobs", [
+    ("pallas", "union", dict(num_splits=2, num_warps=4, num_stages=1)),
+    ("pallas", "token", dict(config=jax_sparse.PallasConfig(num_splits=4))),
+    ("tpu", "k2q", dict(config=jax_sparse.TpuConfig(tile_tokens=5))),
+    ("xla", "auto", dict(config=jax_sparse.XlaConfig(token_chunk=4)))], ids=str)
+def test_outer_jit_with_every_keyword(rng, implementation, algorithm, knobs):
+    """jax.jit(sparse_attention, static_argnames=STATIC_ARGNAMES) with every keyword, and
+    sparse_attention inside a jitted step: both match the reference."""
+    problem = _problem(rng, "fp8_e4m3", "NHD", "per_slot")
+    spec, q, cache, topk, md = _args(problem)
+    kw = dict(k_scale=jnp.asarray(problem.k_scale), v_scale=jnp.asarray(problem.v_scale),
+              implementation=implementation, prefill_algorithm=algorithm, **knobs)
+    ref = _reference(problem)
+    attend = jax.jit(jax_sparse.sparse_attention, static_argnames=jax_sparse.STATIC_ARGNAMES)
+    assert relative_error(attend(spec, q, cache, topk, md, **kw), ref) < TOL
+
+    @jax.jit
+    def step(q, cache, topk, md, k_scale, v_scale):
+        return jax_sparse.sparse_attention(spec, q, cache, topk, md, **dict(
+            kw, k_scale=k_scale, v_scale=v_scale))
+
+    assert relative_error(step(q, cache, topk, md, kw["k_scale"], kw["v_scale"]), ref) < TOL
+
+
+def test_outer_jit_without_static_knobs_says_how(rng):
+    """jax.jit(sparse_attention, static_argnums=0) (the spec alone static): array keywords
+    work; a knob it traced is a TypeError naming STATIC_ARGNAMES."""
+    problem = _problem(rng)
+    attend = jax.jit(jax_sparse.sparse_attention, static_argnums=0)
+    out = attend(*_args(problem), k_scale=None, v_scale=None)
+    assert relative_error(out, _reference(problem)) < TOL
+    with pytest.raises(TypeError, match=r"num_splits is traced: .*static_argnames="
+                                        r"jax_sparse.STATIC_ARGNAMES"):
+        attend(*_args(problem), num_splits=2)

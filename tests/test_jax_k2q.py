@@ -195,6 +195,8 @@ def _numpy_pairs(topk, req, pos, table, num_blocks, mask, block_size=128):
             r = min(max(req[t], 0), num_reqs - 1)
             for k in range(width):
                 b = int(topk[g, t, k])
+                if b in topk[g, t, :k]:  # a repeated block counts once (contract, 5)
+                    continue
                 if 0 <= b <= pos[t] // block_size and b < max_blocks:
                     page = int(table[r, b])
                     if 0 <= page < num_blocks:

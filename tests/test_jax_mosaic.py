@@ -103,17 +103,17 @@ def test_stages_fit_shared_memory(rng):
     kw = dict(rows=64, block_size=128, head_size=128, compute_dtype=jnp.bfloat16)
     bf16 = dict(kw, cache_dtype=jnp.bfloat16, out_dtype=jnp.bfloat16, per_slot=False)
     assert mosaic.smem_bytes(mosaic.scratch_layout(3, **bf16)) == 232504  # H100, jax 0.11.2
-    for cache, stages in ((jnp.bfloat16, mosaic.STAGES_16BIT),
-                          (jnp.float8_e4m3fn, mosaic.STAGES_FP8)):
+    for cache, stages in ((jnp.bfloat16, mosaic.PAGES_IN_FLIGHT_16BIT),
+                          (jnp.float8_e4m3fn, mosaic.PAGES_IN_FLIGHT_FP8)):
         for out in (jnp.bfloat16, jnp.float32):
             layout = mosaic.scratch_layout(stages, cache_dtype=cache, out_dtype=out,
                                            per_slot=True, **kw)
             assert mosaic.smem_bytes(layout) <= mosaic.SMEM_BYTES, (cache, out)
     problem = _problem(rng, "fp8_e4m3", scale_mode="per_slot")
-    with pytest.raises(ValueError, match=r"num_stages 5 needs \d+ bytes of shared memory"):
+    with pytest.raises(ValueError, match=r"pages_in_flight 5 needs \d+ bytes of shared memory"):
         spec, *args = _kernel_args(problem)
-        jax.eval_shape(lambda *a: mosaic.paged_sparse_attention_mosaic(spec, *a, num_stages=5),
-                       *args)
+        jax.eval_shape(lambda *a: mosaic.paged_sparse_attention_mosaic(
+            spec, *a, pages_in_flight=5), *args)
 
 
 @pytest.mark.skipif(ON_HOPPER, reason="Mosaic GPU can run here")
@@ -230,8 +230,8 @@ def test_gpu_pipeline_depths(rng, cache, scale_mode, stages):
                        seq_lens=[9000, 129, 2000, 300, 4400], scale_mode=scale_mode,
                        scatter=True, future_fraction=0.3, empty_fraction=0.05)
     out = mosaic.paged_sparse_attention_mosaic(*_kernel_args(problem), num_splits=1,
-                                               num_stages=stages)
-    _check(out, _reference(problem), f"mosaic {cache} num_stages={stages}")
+                                               pages_in_flight=stages)
+    _check(out, _reference(problem), f"mosaic {cache} pages_in_flight={stages}")
 
 
 @pytest.mark.gpu
