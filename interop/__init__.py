@@ -5,6 +5,7 @@ from .bridges import (allocate_torch_kv_cache, kv_cache_to_jax, kv_cache_to_torc
 from .indexer import IndexerSpec, reference_index_topk
 from .metadata import (DecodeMetadata, PrefillMetadata, SparseMetadata, TopkReport,
                        build_metadata, validate_metadata, validate_topk)
+from . import tiling
 from .reference import reference_attention
 from .spec import (CACHE_DTYPES, FP8_DTYPES, FP8_MAX, KV_CACHE_STRIDE_ORDERS,
                    PREFILL_ALGORITHMS, QUERY_DTYPES, SUPPORTED_BLOCK_SIZES, SUPPORTED_HEAD_SIZES,
@@ -17,6 +18,6 @@ __all__ = [
     "SparseAttentionSpec", "SparseMetadata", "TopkReport", "allocate_torch_kv_cache",
     "build_metadata", "check_prefill_algorithm", "kv_cache_to_jax", "kv_cache_to_torch", "reference_attention",
     "reference_index_topk",
-    "register_jax_pytrees", "to_jax", "to_torch", "validate_metadata", "validate_topk",
+    "register_jax_pytrees", "tiling", "to_jax", "to_torch", "validate_metadata", "validate_topk",
     "wait_for_writes",
 ]

@@ -36,7 +36,7 @@ K2Q_TILE_ROWS = 64
 # K2Q workspace per chunk of tokens (partial outputs, log-sum-exps and the plan), and an upper
 # estimate of the plan's bytes per (KV head, token, column) entry.
 K2Q_WORKSPACE_BYTES = 1 << 30
-K2Q_PLAN_BYTES_PER_ENTRY = 128
+K2Q_PLAN_BYTES_PER_ENTRY = 96
 
 # "auto" keeps prefills of fewer tokens on the token kernel in both front ends: too few tiles
 # to gain from planning unions (a sort per tile) and launching more kernels. H100: at 4 x 2048

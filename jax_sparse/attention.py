@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from interop import SparseAttentionSpec
+from interop.tiling import group_rows
 
 from .pages import cache_operand, load_page
 from .selection import LOG2E, MASK_VALUE, first_in_row, key_mask, select_pages
@@ -38,12 +39,12 @@ TARGET_PROGRAMS = 256
 # prefill-sized grids with 4 (64/4 heads, 16k tokens: 10.7 ms against 11.7 ms with 8); FP8
 # caches with 4 at every size (64/4, batch 16: 46-49 us against 65-70 us with 8).
 WIDE_GRID = 1024
-MIN_ROWS = 16  # tensor-core dots need at least 16 rows: pad the GQA group up to this
 
 
 def group_tile(num_queries_per_kv: int) -> int:
-    """Query rows per program: the GQA group padded to a power of two >= MIN_ROWS."""
-    return max(MIN_ROWS, pl.next_power_of_2(num_queries_per_kv))
+    """Query rows per program: the GQA group padded to a power of two of at least 16
+    (`interop.tiling.group_rows`)."""
+    return group_rows(num_queries_per_kv)
 
 
 def default_num_splits(num_tokens: int, num_kv_heads: int, topk_blocks: int) -> int:

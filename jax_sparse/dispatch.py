@@ -37,7 +37,8 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
-from interop import SparseAttentionSpec, check_prefill_algorithm
+from interop import SparseAttentionSpec, check_prefill_algorithm, tiling
+from interop.tiling import UNION_MIN_TOKENS
 
 from .attention import paged_sparse_attention
 from .k2q import paged_sparse_attention_k2q
@@ -45,13 +46,9 @@ from .mosaic_union import paged_sparse_attention_mosaic_union, unsupported_reaso
 from .union import paged_sparse_attention_union, paged_sparse_attention_union_capped, tile_tokens
 
 # Thresholds from the H100 benchmark (64/4 heads, top-16, bf16; benchmarks/results/h100).
-# Batches of fewer tokens stay on the token kernel under "auto": too few tiles to gain from
-# planning unions (a sort per tile) and launching more kernels. The padded size decides (a
-# static fact), so a jitted call never changes its kernels between batches.
-# H100: at 4 x 2048 new tokens after 8192 with random selections, planning the unions costs
-# more than the few small-union tiles save (64/4: 0.91x the token kernel; 16/1: 0.79x), while
-# at 16k tokens it no longer does (64/4 random: 1.09x; correlated: 1.74x).
-UNION_MIN_TOKENS = 16384
+# Batches of fewer (padded) tokens than interop.tiling.UNION_MIN_TOKENS stay on the token
+# kernel under "auto" (shared with torch_sparse, measured there); the padded size is a static
+# fact, so a jitted call never changes its kernels between batches.
 # "auto" gives a tile to the union kernel when its largest union over the KV heads is at most
 # this share of the tile's tile_tokens * topk selections (32 of 128 at GQA 16). The Pallas
 # union kernel runs at about 220 raw TFLOP/s (220 * 16 / union useful), so it beats the token
@@ -77,7 +74,7 @@ MOSAIC_UNION_MAX_SHARE = 0.65
 
 def max_union(num_queries_per_kv: int, topk: int, share: float = UNION_MAX_SHARE) -> int:
     """The largest tile union (blocks per KV head) that "auto" gives to the union kernel."""
-    return int(share * tile_tokens(num_queries_per_kv) * topk)
+    return tiling.max_union(num_queries_per_kv, topk, share)
 
 
 def sparse_attention_pallas(spec: SparseAttentionSpec, query, kv_cache, topk_indices,

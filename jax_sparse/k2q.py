@@ -19,8 +19,8 @@ prefill), in three steps per chunk of tokens:
    partial that no program wrote is never read; a row with no valid entry gets zeros.
 
 `paged_sparse_attention_k2q` runs the three over chunks of tokens so partials stay within
-WORKSPACE_BYTES whatever the prefill size. On a GPU the kernel lowers through Pallas' Triton
-backend; elsewhere it runs in interpret mode.
+interop.tiling.K2Q_WORKSPACE_BYTES whatever the prefill size. On a GPU the kernel lowers
+through Pallas' Triton backend; elsewhere it runs in interpret mode.
 """
 from __future__ import annotations
 
@@ -34,24 +34,18 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from interop import SparseAttentionSpec
+from interop.tiling import k2q_tile_shape, k2q_tokens_per_chunk, max_k2q_items
 
 from .attention import (_merge_splits, _scale, _whole, drop_nonfinite, fp16_rows,
                         poison_rows)
 from .pages import cache_operand, load_page
 from .selection import LOG2E, MASK_VALUE, select_rows
 
-# Query rows per tile: wgmma needs 64 rows per warpgroup (4 warps).
-TILE_ROWS = 64
 # Query tiles one program runs against the page it loaded.
 # H100 sweep (64/4, bf16): 4 tiles, 36.2 ms at 64k random against 38.2 with 2 (8 warps: 54).
 TILES_PER_ITEM = 4
 NUM_WARPS = 4
 NUM_STAGES = 1  # no loop in the kernel to pipeline
-# Workspace per chunk of tokens: partial outputs, log2-sum-exps and the plan.
-WORKSPACE_BYTES = 1 << 30
-# Plan bytes per (KV head, token, column) entry, temporaries of plan_k2q included (an upper
-# estimate: sort keys and values, the four pair arrays, masks and cumulative sums).
-PLAN_BYTES_PER_ENTRY = 96
 
 
 class K2QPlan(NamedTuple):
@@ -78,25 +72,6 @@ class K2QPlan(NamedTuple):
     pair_column: jax.Array
     pair_limit: jax.Array
     item_start: jax.Array
-
-
-def tile_shape(num_queries_per_kv: int) -> tuple[int, int]:
-    """(group_pad, pairs): the GQA group padded to a power of two, and the pairs (tokens) per
-    query tile so a tile has TILE_ROWS rows (more when one padded group is larger)."""
-    group_pad = pl.next_power_of_2(num_queries_per_kv)
-    return group_pad, max(1, TILE_ROWS // group_pad)
-
-
-def max_k2q_items(num_kv_heads: int, num_tokens: int, topk: int, num_blocks: int,
-                  num_reqs: int, max_blocks: int, pairs_per_item: int) -> int:
-    """Upper bound on the work items of `num_tokens` tokens, from shapes only.
-
-    S segments holding E pairs in all make sum ceil(c_s / C) <= (E + S (C - 1)) / C items; a
-    KV head has at most min(num_blocks, num_reqs * max_blocks, num_tokens * topk) segments.
-    """
-    pairs = num_kv_heads * num_tokens * topk
-    segments = num_kv_heads * min(num_blocks, num_reqs * max_blocks, num_tokens * topk)
-    return max(1, (pairs + segments * (pairs_per_item - 1)) // pairs_per_item)
 
 
 def plan_k2q(topk_indices, token_to_req, token_positions, block_table, *, num_blocks: int,
@@ -233,11 +208,9 @@ def _combine(valid, part, lse, group: int):
 
 
 def tokens_per_chunk(spec: SparseAttentionSpec, partial_bytes: int) -> int:
-    """Tokens whose partials, log2-sum-exps and plan fit in WORKSPACE_BYTES (at least one)."""
-    per_token = spec.topk_blocks * (
-        spec.num_heads * (spec.head_size * partial_bytes + 4)
-        + spec.num_kv_heads * PLAN_BYTES_PER_ENTRY)
-    return max(1, WORKSPACE_BYTES // per_token)
+    """Tokens per chunk for this spec (`interop.tiling.k2q_tokens_per_chunk`)."""
+    return k2q_tokens_per_chunk(spec.num_kv_heads, spec.num_heads, spec.head_size,
+                                spec.topk_blocks, partial_bytes)
 
 
 def paged_sparse_attention_k2q(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
@@ -266,7 +239,7 @@ def paged_sparse_attention_k2q(spec: SparseAttentionSpec, query, kv_cache, topk_
         return out
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    group_pad, pairs = tile_shape(group)
+    group_pad, pairs = k2q_tile_shape(group)
     pairs_per_item = pairs * TILES_PER_ITEM
     chunk = min(num_tokens, tokens_per_chunk(spec, jnp.dtype(query.dtype).itemsize))
     num_blocks = kv_cache.shape[0]

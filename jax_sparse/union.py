@@ -18,8 +18,8 @@ before its position (FlashInfer's `sparse_fwd_union` idea):
    valid entry get zeros.
 
 `paged_sparse_attention_union` plans and runs over chunks of tokens so the plan stays within
-PLAN_BYTES whatever the prefill size. On a GPU the kernel lowers through Pallas' Triton
-backend; elsewhere it runs in interpret mode.
+interop.tiling.UNION_PLAN_BYTES whatever the prefill size. On a GPU the kernel lowers
+through Pallas' Triton backend; elsewhere it runs in interpret mode.
 """
 from __future__ import annotations
 
@@ -33,22 +33,15 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from interop import SparseAttentionSpec
+from interop.tiling import union_tile_tokens as tile_tokens
+from interop.tiling import union_tokens_per_chunk as tokens_per_chunk
 
 from .attention import _whole, block_attender, normalize
 from .pages import cache_operand
 from .selection import LOG2E, select_rows
 
-# Query rows a tile aims for (tokens x padded GQA group): wgmma takes 64 rows per warpgroup.
-TILE_ROWS = 128
-# Tokens per tile at most: the union (and the per-entry token bitmask, int32) stays small,
-# and tokens further apart share fewer blocks. Groups of 1 and 2 get 16- and 32-row tiles.
-MAX_TILE_TOKENS = 16
 NUM_WARPS = 8
 NUM_STAGES = 2
-# Plan workspace per chunk of tokens, and its bytes per (KV head, token, top-k column) entry
-# (sort operands and results, run flags, scatter temporaries and the plan; an upper estimate).
-PLAN_BYTES = 1 << 29
-PLAN_BYTES_PER_ENTRY = 128
 
 
 class UnionPlan(NamedTuple):
@@ -69,18 +62,6 @@ class UnionPlan(NamedTuple):
     block: jax.Array
     token_bits: jax.Array
     size: jax.Array
-
-
-def tile_tokens(num_queries_per_kv: int) -> int:
-    """Tokens per tile: TILE_ROWS rows of GQA groups padded to a power of two, 1 to
-    MAX_TILE_TOKENS."""
-    return max(1, min(MAX_TILE_TOKENS, TILE_ROWS // pl.next_power_of_2(num_queries_per_kv)))
-
-
-def tokens_per_chunk(num_kv_heads: int, topk: int, tokens: int) -> int:
-    """Tokens one plan covers within PLAN_BYTES: a whole number of tiles of `tokens` (>= 1)."""
-    per_tile = num_kv_heads * topk * tokens * PLAN_BYTES_PER_ENTRY
-    return max(1, PLAN_BYTES // per_tile) * tokens
 
 
 def plan_union(topk_indices, token_to_req, token_positions, block_table, *, num_blocks: int,

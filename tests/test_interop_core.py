@@ -256,3 +256,23 @@ def test_reference_rejects_mismatched_inputs(rng):
     with pytest.raises(ValueError, match="scale shape"):
         interop.reference_attention(fp8, p.query, cache, p.topk_indices, p.metadata,
                                     k_scale=np.ones((3, 5), np.float32))
+
+
+def test_both_front_ends_take_their_tiling_from_interop():
+    """One home for the arithmetic both front ends use (interop.tiling): tile shapes, chunk
+    sizes, work bounds and the "auto" token threshold are the same objects in both."""
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    import jax_sparse.dispatch
+    import jax_sparse.union
+    import torch_sparse.dispatch
+    import torch_sparse.union
+    from interop import tiling
+    for module in (torch_sparse.union, jax_sparse.union):
+        assert module.tile_tokens is tiling.union_tile_tokens
+        assert module.tokens_per_chunk is tiling.union_tokens_per_chunk
+    for module in (torch_sparse.dispatch, jax_sparse.dispatch):
+        assert module.UNION_MIN_TOKENS == tiling.UNION_MIN_TOKENS
+    assert [tiling.k2q_tile_shape(g) for g in (1, 4, 16, 128)] == [(1, 64), (4, 16), (16, 4),
+                                                                     (128, 1)]
+    assert tiling.max_k2q_items(1, 0, 16, 8, 1, 1, 8) == 1

@@ -156,7 +156,8 @@ def test_union_chunks(rng, monkeypatch):
     """Plans made over several chunks of tokens (the last one overlapping the one before)."""
     import jax_sparse.union as union
     problem = _problem(rng, "auto", "NHD", (8, 2), rho=0.87)
-    monkeypatch.setattr(union, "PLAN_BYTES", union.PLAN_BYTES_PER_ENTRY * 2 * 8 * 16 * 2)
+    monkeypatch.setattr(interop.tiling, "UNION_PLAN_BYTES",
+                        interop.tiling.UNION_PLAN_BYTES_PER_ENTRY * 2 * 8 * 16 * 2)
     assert union.tokens_per_chunk(2, 8, 16) == 32  # 40 tokens: chunks at 0 and 8
     out = union.paged_sparse_attention_union(*_launcher_args(problem))
     _check(out, _reference(problem), "union in two chunks")

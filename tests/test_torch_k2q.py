@@ -132,9 +132,9 @@ def test_chunked(rng, monkeypatch, masked, partial_dtype):
     spec = _spec((8, 2), "fp8_e4m3", "HND")
     problem = _problem(rng, spec, scale_mode="per_slot", rho=0.87, future_fraction=0.2)
     part_bytes = 4 * spec.topk_blocks * spec.num_heads * spec.head_size
-    monkeypatch.setattr(k2q, "WORKSPACE_BYTES", 7 * part_bytes)
+    monkeypatch.setattr(interop.tiling, "K2Q_WORKSPACE_BYTES", 7 * part_bytes)
     monkeypatch.setattr(k2q, "PARTIAL_DTYPE", partial_dtype)
-    assert k2q.tokens_per_chunk(2, 8, 128, spec.topk_blocks, 4) < 7
+    assert interop.tiling.k2q_tokens_per_chunk(2, 8, 128, spec.topk_blocks, 4) < 7
     mask = rng.random(problem.query.shape[0]) < 0.7 if masked else None
     out, first = _run(problem, token_mask=mask)
     _check(out, _reference(problem), _rows(problem, first, mask), f"chunked masked={masked} partials {partial_dtype}")
@@ -213,7 +213,7 @@ def test_plan_matches_numpy_inversion(rng, pairs_per_item):
     assert (order == np.arange(n)).all(), "pairs are not sorted by (segment, token, column)"
     starts = [i for i in range(n)
               if (i - np.searchsorted(key[:n], key[i])) % pairs_per_item == 0]
-    assert items.shape[0] == k2q.max_k2q_items(spec.num_kv_heads, end - first,
+    assert items.shape[0] == interop.tiling.max_k2q_items(spec.num_kv_heads, end - first,
                                                spec.topk_blocks, num_blocks, *table.shape,
                                                pairs_per_item)
     assert items[:len(starts)].tolist() == starts and (items[len(starts):] == -1).all(), \
@@ -241,7 +241,7 @@ def _compile_for_sm90():
                          token_ptr="*i32", slot_ptr="*i32", limit_ptr="*i32", item_ptr="*i32",
                          part_ptr="*" + qdt, lse_ptr="*fp32", k_scale_ptr="*fp32",
                          v_scale_ptr="*fp32", qk_scale="fp32", **dict.fromkeys(ints, "i32"))
-        constexprs = dict(GROUP=16, GROUP_PAD=16, PAIRS=k2q.pairs_per_tile(16),
+        constexprs = dict(GROUP=16, GROUP_PAD=16, PAIRS=interop.tiling.k2q_tile_shape(16)[1],
                           TILES=k2q.TILES_PER_ITEM, HEAD_SIZE=128, BLOCK_SIZE=128,
                           HAS_K_SCALE=fp8, HAS_V_SCALE=fp8, FP16_COMPUTE=fp8, DOT_DTYPE=dot)
         compiled = triton.compile(ASTSource(k2q._k2q_block_kernel, signature, constexprs),

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from interop.tiling import group_rows
+
 from .triton_common import (INTERPRETED, LOG2_E, attend_block, dot_dtype, entry_page,
                             finish_rows, fp16_rows, repeated_entries, scale_args,
                             visible_blocks)
@@ -260,7 +262,7 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
     if num_tokens == 0:
         return
     group = num_heads // num_kv_heads
-    group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
+    group_pad = group_rows(group)  # tl.dot needs M >= 16
     width = topk.shape[-1]
     splits = num_splits or num_splits_for(num_tokens, num_kv_heads, width)
     if decode_query_len:

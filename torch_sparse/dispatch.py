@@ -16,19 +16,16 @@ from __future__ import annotations
 
 import torch
 
-from interop import check_prefill_algorithm
+from interop import check_prefill_algorithm, tiling
+from interop.tiling import UNION_MIN_TOKENS
 
 from .attention import launch_sparse_attention
 from .k2q import launch_k2q
 from .union import launch_union, plan_union, tile_tokens, tokens_per_chunk
 
-# Thresholds from the H100 benchmark (64/4 heads, top-16, bf16; benchmarks/results/h100).
-# Prefills of fewer tokens stay on the token kernel under "auto": too few tiles to gain from
-# planning unions (a sort per tile) and launching more kernels.
-# H100: at 4 x 2048 new tokens after 8192 with random selections, planning the unions costs
-# more than the few small-union tiles save (64/4: 0.91x the token kernel; 16/1: 0.79x), while
-# at 16k tokens it no longer does (64/4 random: 1.09x; correlated: 1.74x).
-UNION_MIN_TOKENS = 16384
+# Thresholds from the H100 benchmark (64/4 heads, top-16, bf16; benchmarks/results/h100);
+# UNION_MIN_TOKENS (prefills below it stay on the token kernel) is shared with jax_sparse
+# and lives in interop.tiling with its measurements.
 # "auto" gives a tile to the union kernel when its largest union over the KV heads is at most
 # this share of the tile's tile_tokens * topk selections (48 of 128 at GQA 16). The union
 # kernel runs at about 350 raw TFLOP/s, so it delivers 350 * 16 / union useful TFLOP/s: it
@@ -46,7 +43,7 @@ K2Q_MIN_TOKENS = 32768
 
 def max_union(group: int, topk: int) -> int:
     """The largest tile union (blocks per KV head) that "auto" gives to the union kernel."""
-    return int(UNION_MAX_SHARE * tile_tokens(group) * topk)
+    return tiling.max_union(group, topk, UNION_MAX_SHARE)
 
 
 def sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,

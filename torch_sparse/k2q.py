@@ -21,7 +21,7 @@ rows per 64 KB block. K2Q inverts the selection instead (MiniMax's "MSA" prefill
    slot it attends) NaN.
 
 `launch_k2q` runs the three over chunks of tokens so the partials and the plan stay inside
-`WORKSPACE_BYTES` whatever the prefill size.
+`interop.tiling.K2Q_WORKSPACE_BYTES` whatever the prefill size.
 
 Entry validity (the token kernel's rule): token t of request r at position p is live when
 p >= 0 and 0 <= r < num_reqs (and token_mask[t], when given); entry b is valid when
@@ -36,12 +36,12 @@ import torch
 import triton
 import triton.language as tl
 
+from interop.tiling import k2q_tile_shape, k2q_tokens_per_chunk, max_k2q_items
+
 from .triton_common import (LOG2_E, dot_dtype, entry_page, fp16_rows, repeated_entries,
                             scale_args, visible_blocks)
 from .selection import selected_pages
 
-# Query rows per tile: wgmma needs 64 rows per warpgroup (4 warps).
-TILE_ROWS = 64
 # Query tiles one program runs against the block it loaded (its work item holds up to
 # TILES_PER_ITEM * pairs-per-tile pairs of one segment).
 # H100 sweep (64/4, bf16): 4 tiles of 4 warps, 31.8 ms at 64k random against 33.3 with 2,
@@ -53,11 +53,6 @@ NUM_STAGES = 2
 # (bf16, top-8, rho 0.87): bf16 partials 7.2e-3 relative error, float32 5.4e-3 (the token
 # kernel's), at twice the partial traffic.
 PARTIAL_DTYPE = None
-# Workspace cap per launch_k2q chunk: partial outputs, log-sum-exps and the plan.
-WORKSPACE_BYTES = 1 << 30
-# Plan bytes per (KV head, token, column) entry: keys, sort output and the pair arrays, with
-# the temporaries of plan_k2q (an upper estimate).
-PLAN_BYTES_PER_ENTRY = 96
 
 
 class K2QPlan(NamedTuple):
@@ -81,19 +76,6 @@ class K2QPlan(NamedTuple):
     pair_column: torch.Tensor
     pair_limit: torch.Tensor
     item_start: torch.Tensor
-
-
-def max_k2q_items(num_kv_heads: int, num_tokens: int, topk: int, num_blocks: int,
-                  num_reqs: int, max_blocks: int, pairs_per_item: int) -> int:
-    """Upper bound on the work items of `num_tokens` tokens, from shapes only.
-
-    S segments holding E pairs in all make at most sum ceil(c_s / C) <= (E + S (C - 1)) / C
-    items; a KV head has at most min(num_blocks, num_reqs * max_blocks, tokens * topk)
-    distinct pages.
-    """
-    pairs = num_kv_heads * num_tokens * topk
-    segments = num_kv_heads * min(num_blocks, num_reqs * max_blocks, num_tokens * topk)
-    return (pairs + segments * (pairs_per_item - 1)) // pairs_per_item
 
 
 def plan_k2q(topk: torch.Tensor, block_table: torch.Tensor, token_to_req: torch.Tensor,
@@ -288,19 +270,6 @@ def _k2q_combine_kernel(
              mask=(offs_h < tl.where(chosen, GROUP, 0))[:, None])
 
 
-def pairs_per_tile(group: int) -> int:
-    """Tokens per query tile: TILE_ROWS rows of padded GQA groups (at least one token)."""
-    return max(1, TILE_ROWS // max(16, triton.next_power_of_2(group)))
-
-
-def tokens_per_chunk(num_kv_heads: int, num_heads: int, head_size: int, topk: int,
-                     partial_bytes: int) -> int:
-    """Tokens whose partials, log-sum-exps and plan fit in WORKSPACE_BYTES (at least one)."""
-    per_token = topk * (num_heads * (head_size * partial_bytes + 4)
-                        + num_kv_heads * PLAN_BYTES_PER_ENTRY)
-    return max(1, WORKSPACE_BYTES // per_token)
-
-
 def launch_k2q(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
                block_table: torch.Tensor, token_to_req: torch.Tensor,
                token_positions: torch.Tensor, output: torch.Tensor, sm_scale: float, *,
@@ -323,12 +292,11 @@ def launch_k2q(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
         return
     width = topk.shape[-1]
     group = num_heads // num_kv_heads
-    group_pad = max(16, triton.next_power_of_2(group))  # tl.dot needs M >= 16
-    pairs = pairs_per_tile(group)
+    group_pad, pairs = k2q_tile_shape(group)  # PAIRS * GROUP_PAD >= 64 rows: tl.dot's M
     part_dtype = PARTIAL_DTYPE or query.dtype
     chunk = min(num_tokens - first_token,
-                tokens_per_chunk(num_kv_heads, num_heads, head_size, width,
-                                 torch.finfo(part_dtype).bits // 8))
+                k2q_tokens_per_chunk(num_kv_heads, num_heads, head_size, width,
+                                     torch.finfo(part_dtype).bits // 8))
     part = torch.empty((width, chunk, num_heads, head_size), dtype=part_dtype,
                        device=query.device)
     lse = torch.empty((width, chunk, num_heads), dtype=torch.float32, device=query.device)

@@ -17,7 +17,8 @@ its position (FlashInfer's `sparse_fwd_union` idea):
    (page, logical block), and a row's token bits say whether it attends it. Rows of padding
    tokens (position -1) and rows with no valid entry get zeros.
 
-`launch_union` plans and runs over chunks of tokens so the plan stays inside `PLAN_BYTES`.
+`launch_union` plans and runs over chunks of tokens so the plan stays inside
+`interop.tiling.UNION_PLAN_BYTES`.
 """
 from __future__ import annotations
 
@@ -27,21 +28,15 @@ import torch
 import triton
 import triton.language as tl
 
+from interop.tiling import union_tile_tokens as tile_tokens
+from interop.tiling import union_tokens_per_chunk as tokens_per_chunk
+
 from .triton_common import (INTERPRETED, LOG2_E, attend_block, dot_dtype, finish_rows,
                             fp16_rows, scale_args)
 from .selection import selected_pages
 
-# Query rows a tile aims for (tokens x padded GQA group): wgmma takes 64 rows per warpgroup.
-TILE_ROWS = 128
-# Tokens per tile at most: the union (and the per-entry token bitmask, int32) stays small,
-# and tokens further apart share fewer blocks. Groups of 1 and 2 get 16- and 32-row tiles.
-MAX_TILE_TOKENS = 16
 NUM_WARPS = 8
 NUM_STAGES = 3  # H100, 64/4, 16k correlated: 4.66 ms against 4.93 with 2 (4 overflows SMEM)
-# Plan workspace per launch_union chunk, and its bytes per (KV head, token, top-k column)
-# (keys, sort output, run flags and the scatter temporaries of plan_union; an upper estimate).
-PLAN_BYTES = 1 << 29
-PLAN_BYTES_PER_ENTRY = 128
 
 
 class UnionPlan(NamedTuple):
@@ -67,17 +62,6 @@ class UnionPlan(NamedTuple):
     token_bits: torch.Tensor
     size: torch.Tensor
     tile_size: torch.Tensor
-
-
-def tile_tokens(group: int) -> int:
-    """Tokens per tile for a GQA group: TILE_ROWS rows of padded groups, 1..MAX_TILE_TOKENS."""
-    return max(1, min(MAX_TILE_TOKENS, TILE_ROWS // triton.next_power_of_2(group)))
-
-
-def tokens_per_chunk(num_kv_heads: int, topk: int, tokens: int) -> int:
-    """Tokens one plan covers within PLAN_BYTES: a whole number of tiles (at least one)."""
-    per_token = num_kv_heads * topk * PLAN_BYTES_PER_ENTRY
-    return max(1, PLAN_BYTES // (per_token * tokens)) * tokens
 
 
 def plan_union(topk: torch.Tensor, block_table: torch.Tensor, token_to_req: torch.Tensor,
@@ -251,9 +235,9 @@ def launch_union(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
     num_blocks * block_size] float32 tensor (FP8 caches only). plan: `plan_union` of these
     inputs with tile_tokens(group) and this first_token; its tokens [first_token, end_token)
     are attended (None: plans every token from first_token on, in chunks of at most
-    PLAN_BYTES). max_union: tiles whose `tile_size` exceeds it are left unwritten (None: every
-    tile is written). Rows before first_token are left untouched. Inputs are validated by the
-    caller.
+    interop.tiling.UNION_PLAN_BYTES). max_union: tiles whose `tile_size` exceeds it are left
+    unwritten (None: every tile is written). Rows before first_token are left untouched.
+    Inputs are validated by the caller.
     """
     num_tokens, num_heads, head_size = query.shape
     num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
