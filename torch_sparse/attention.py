@@ -179,8 +179,8 @@ def _sparse_attn_kernel(
             j = split * CHUNK + i
             entry = tl.load(row + j * stride_kk, mask=j < TOPK, other=-1)
             # A repeated entry counts once: its later copies are dropped.
-            if TOPK <= 64:
-                entry = tl.where(((first >> j) & 1) != 0, entry, -1)
+            if TOPK <= 64:  # (j past the row reads -1 anyway; the shift stays below 64)
+                entry = tl.where(((first >> tl.minimum(j, 63)) & 1) != 0, entry, -1)
             else:
                 entry = tl.where(_repeats_earlier(entry, row, j, stride_kk, TOPK), -1, entry)
             valid, block, page = entry_page(entry, limit, req, block_table_ptr, stride_bt,
