@@ -7,6 +7,8 @@ PyTorch path; each must match interop.reference_attention (float64), NaN rows in
 Then write_kv's slots, the interpreter / impl rules, type errors naming the bridges, the
 metadata builder's page check, and an in-place write into a cache that JAX owns.
 """
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -445,3 +447,63 @@ def test_write_into_a_cache_jax_owns_is_in_place(rng, layout):
             assert torch.equal(seen[page, 0, offset], key[t]), f"{layout}: JAX misses K of {t}"
             assert torch.equal(seen[page, 1, offset], value[t]), f"{layout}: JAX misses V of {t}"
 
+
+
+# --- knobs (issue 20): grouped per kernel family, never silently dropped ---------------------
+
+def test_knob_configs():
+    from torch_sparse.attention import TokenKernelConfig
+    from torch_sparse.cache import WriteKVConfig
+    from torch_sparse.k2q import K2QConfig
+    from torch_sparse.union import UnionConfig
+    for config in (TokenKernelConfig, UnionConfig, K2QConfig, WriteKVConfig):
+        default = config.get_default()
+        assert default == config() and hash(default) == hash(config())
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            default.num_warps = 2
+        with pytest.raises(ValueError, match=f"{config.__name__}.num_warps"):
+            config(num_warps=0)
+        with pytest.raises(TypeError, match=f"{config.__name__}.num_warps"):
+            config(num_warps=4.0)
+    assert TokenKernelConfig.get_default().num_splits is None  # from the shapes
+    with pytest.raises(TypeError, match="partial_dtype"):
+        K2QConfig(partial_dtype=torch.int8)
+
+
+def test_knobs_the_implementation_ignores_raise(rng, monkeypatch):
+    problem = _problem(rng)
+    t = _tensors(problem)
+    args = (problem.spec, t["query"], t["kv_cache"], t["topk"], t["metadata"])
+    split = torch_sparse.sparse_attention(*args, implementation="triton", num_splits=1,
+                                          num_warps=2, num_stages=1)
+    default = torch_sparse.sparse_attention(*args, implementation="triton")
+    err = relative_error(split, default)
+    assert err < TOL, f"num_splits=1 against the default split count: {err:.3e}"
+    with pytest.raises(ValueError, match="num_splits.*'eager'"):
+        torch_sparse.sparse_attention(*args, implementation="eager", num_splits=2)
+    md = t["metadata"]
+    nd = md.num_decode_tokens
+    with pytest.raises(ValueError, match="num_warps.*'eager'"):
+        torch_sparse.minimax_m3_sparse_attn_decode(
+            t["query"][:nd], t["kv_cache"], t["topk"][:, :nd], md.decode.block_table,
+            md.decode.seq_lens, 2, 0.1, torch.empty_like(t["query"][:nd]), 1,
+            implementation="eager", num_warps=4)
+    with pytest.raises(TypeError, match="num_stages"):
+        torch_sparse.sparse_attention(*args, implementation="triton", num_stages="2")
+    with pytest.raises(ValueError, match="num_splits"):
+        torch_sparse.sparse_attention(*args, implementation="triton", num_splits=0)
+    # The dispatcher: a family's config with an algorithm that never runs that family.
+    from torch_sparse.k2q import K2QConfig
+    from torch_sparse.union import UnionConfig
+    launched = []
+    monkeypatch.setattr(dispatch, "launch_sparse_attention", lambda *a, **k: launched.append(a))
+    call = (t["query"], t["kv_cache"], t["topk"], md.block_table, md.token_to_req,
+            md.token_positions, torch.empty_like(t["query"]), 0.1)
+    for algorithm, bad in (("token", dict(union_config=UnionConfig())),
+                           ("token", dict(k2q_config=K2QConfig())),
+                           ("union", dict(k2q_config=K2QConfig())),
+                           ("k2q", dict(union_config=UnionConfig()))):
+        with pytest.raises(ValueError, match=f"{next(iter(bad))}.*{algorithm!r}"):
+            dispatch.sparse_attention(*call, first_prefill_token=nd, prefill_algorithm=algorithm,
+                                      **bad)
+    assert not launched, "a dispatcher call with an unused config launched a kernel"

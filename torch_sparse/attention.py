@@ -29,20 +29,23 @@ it was before the mask existed.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
 
 from interop.tiling import group_rows
 
-from .triton_common import (INTERPRETED, LOG2_E, attend_block, dot_dtype, entry_page,
-                            finish_rows, fp16_rows, repeated_entries, scale_args,
+from .triton_common import (INTERPRETED, LOG2_E, attend_block, check_knob, dot_dtype,
+                            entry_page, finish_rows, fp16_rows, repeated_entries, scale_args,
                             visible_blocks)
 
 # Split-K sizing: aim for this many programs, never more splits than this (each split then
 # still attends whole blocks) nor than the top-k width.
 TARGET_PROGRAMS = 256
 MAX_SPLITS = 16
+# Launch defaults (H100 sweep, benchmarks/sweep.py); `TokenKernelConfig.get_default()`.
 NUM_WARPS = 4
 NUM_STAGES = 2
 # Split-K arrival counters, one int32 per (token, KV head), per (device, stream); see
@@ -178,8 +181,8 @@ def _sparse_attn_kernel(
             j = split * CHUNK + i
             entry = tl.load(row + j * stride_kk, mask=j < TOPK, other=-1)
             # A repeated entry counts once: its later copies are dropped.
-            if TOPK <= 64:
-                entry = tl.where(((first >> j) & 1) != 0, entry, -1)
+            if TOPK <= 64:  # (j past the row reads -1 anyway; the shift stays below 64)
+                entry = tl.where(((first >> tl.minimum(j, 63)) & 1) != 0, entry, -1)
             else:
                 entry = tl.where(_repeats_earlier(entry, row, j, stride_kk, TOPK), -1, entry)
             valid, block, page = entry_page(entry, limit, req, block_table_ptr, stride_bt,
@@ -215,6 +218,31 @@ def _sparse_attn_kernel(
                 tl.atomic_xchg(counter, 0)
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenKernelConfig:
+    """The token kernel's launch knobs (prefill rows and the split-K decode), in the spirit of
+    JAX's `BlockSizes`.
+
+    num_splits: programs per (token, KV head), each taking a chunk of the top-k row (None:
+      from the shapes, `num_splits_for`, so a CUDA graph keeps one count per batch size).
+    num_warps / num_stages: Triton's launch options.
+    """
+
+    num_splits: int | None = None
+    num_warps: int = NUM_WARPS
+    num_stages: int = NUM_STAGES
+
+    def __post_init__(self):
+        check_knob(self, "num_splits", optional=True)
+        check_knob(self, "num_warps")
+        check_knob(self, "num_stages")
+
+    @classmethod
+    def get_default(cls) -> "TokenKernelConfig":
+        """The tuned defaults: splits from the shapes, NUM_WARPS warps, NUM_STAGES stages."""
+        return cls(num_splits=None, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+
+
 def num_splits_for(num_tokens: int, num_kv_heads: int, topk: int) -> int:
     """Split-K count from shapes only (a power of two): more splits when few programs run."""
     target = max(1, min(topk, MAX_SPLITS, TARGET_PROGRAMS // max(1, num_tokens * num_kv_heads)))
@@ -244,8 +272,9 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
                             k_scale: torch.Tensor | None = None,
                             v_scale: torch.Tensor | None = None,
                             token_mask: torch.Tensor | None = None,
-                            num_splits: int | None = None, num_warps: int = NUM_WARPS,
-                            num_stages: int = NUM_STAGES) -> None:
+                            config: TokenKernelConfig | None = None,
+                            num_splits: int | None = None, num_warps: int | None = None,
+                            num_stages: int | None = None) -> None:
     """Run the kernels on inputs the front end has validated; writes `output` in place.
 
     query / output: [num_tokens, num_heads, head_size]; kv_cache: the logical view
@@ -255,8 +284,14 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
     seq_lens ([num_reqs]) with decode_query_len >= 1. k_scale / v_scale: None, a 0-d or
     [num_kv_heads, num_blocks * block_size] float32 tensor (FP8 caches only). token_mask:
     optional bool [num_tokens]: only its True rows are attended and written (the dispatcher
-    leaves the others to other paths).
+    leaves the others to other paths). config: the launch knobs (None:
+    `TokenKernelConfig.get_default()`); num_splits / num_warps / num_stages: override one of
+    its fields (the benchmarks sweep them).
     """
+    config = dataclasses.replace(
+        config or TokenKernelConfig.get_default(),
+        **{name: value for name, value in (("num_splits", num_splits), ("num_warps", num_warps),
+                                           ("num_stages", num_stages)) if value is not None})
     num_tokens, num_heads, head_size = query.shape
     num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
     if num_tokens == 0:
@@ -264,7 +299,7 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
     group = num_heads // num_kv_heads
     group_pad = group_rows(group)  # tl.dot needs M >= 16
     width = topk.shape[-1]
-    splits = num_splits or num_splits_for(num_tokens, num_kv_heads, width)
+    splits = config.num_splits or num_splits_for(num_tokens, num_kv_heads, width)
     if decode_query_len:
         token_to_req = token_positions = seq_lens
         num_reqs = seq_lens.shape[0]
@@ -305,4 +340,4 @@ def launch_sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: t
         HAS_V_SCALE=v_scale is not None,
         FP16_COMPUTE=fp8,
         DOT_DTYPE=dot_dtype(query.dtype, fp8),
-        num_warps=num_warps, num_stages=num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages)

@@ -15,7 +15,7 @@ import torch
 
 from interop import (CACHE_DTYPES, KV_CACHE_STRIDE_ORDERS, SUPPORTED_BLOCK_SIZES,
                      SUPPORTED_HEAD_SIZES, SparseAttentionSpec, SparseMetadata, build_metadata,
-                     to_torch)
+                     to_torch, validate_metadata)
 
 from .frontend import (check_metadata, minimax_m3_sparse_attn, minimax_m3_sparse_attn_decode,
                        write_kv)
@@ -75,9 +75,10 @@ class MiniMaxM3SparseMetadataBuilder:
     """Builds the per-step metadata (once, shared by every layer) on `device`.
 
     reorder_batch_threshold: requests with this many query tokens are the decodes, which the
-    scheduler puts first. num_blocks: pages in the KV cache; when known, every page a request
-    uses is checked to lie in [0, num_blocks) on the host (a ValueError naming the entry),
-    before any kernel sees the table.
+    scheduler puts first. num_blocks: pages in the KV cache; when known, each batch passes
+    `interop.validate_metadata` on the host (a ValueError naming the first page outside
+    [0, num_blocks), the first slot past the cache, a block-table row too narrow for its
+    sequence) before any kernel sees it.
     """
 
     def __init__(self, spec: SparseAttentionSpec, device: torch.device | str,
@@ -96,8 +97,10 @@ class MiniMaxM3SparseMetadataBuilder:
             block_table = block_table.cpu().numpy()
         metadata = build_metadata(
             query_lens, seq_lens, block_table, decode_query_len=self.reorder_batch_threshold,
-            block_size=self.spec.block_size, num_tokens=num_tokens,
-            num_blocks=self.num_blocks if num_blocks is None else num_blocks)
+            block_size=self.spec.block_size, num_tokens=num_tokens)
+        num_blocks = self.num_blocks if num_blocks is None else num_blocks
+        if num_blocks is not None:
+            validate_metadata(metadata, num_blocks, block_size=self.spec.block_size)
         return to_torch(metadata, self.device)
 
 

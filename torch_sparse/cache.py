@@ -6,15 +6,30 @@ offset); a negative slot, or one outside the cache, writes nothing. FP8 caches r
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .triton_common import INTERPRETED, scale_args
+from .triton_common import INTERPRETED, check_knob, scale_args
 
 NUM_WARPS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteKVConfig:
+    """The K/V write kernel's launch knob, in the spirit of JAX's `BlockSizes`: num_warps."""
+
+    num_warps: int = NUM_WARPS
+
+    def __post_init__(self):
+        check_knob(self, "num_warps")
+
+    @classmethod
+    def get_default(cls) -> "WriteKVConfig":
+        return cls(num_warps=NUM_WARPS)
 
 
 @triton.jit
@@ -76,12 +91,14 @@ def _write_kv_kernel(key_ptr, value_ptr, slot_ptr, cache_ptr, k_scale_ptr, v_sca
 def launch_write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     slot_mapping: torch.Tensor, *, fp8_max: float = 0.0,
                     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-                    num_warps: int = NUM_WARPS) -> None:
+                    config: WriteKVConfig | None = None) -> None:
     """Write key / value ([num_tokens, num_kv_heads, head_size]) at slot_mapping ([num_tokens]).
 
     kv_cache: the logical view (any strides, unit head stride); fp8_max > 0 marks an FP8 cache
-    (scales apply only then). Inputs are validated by the front end.
+    (scales apply only then); config: the launch knob (None: `WriteKVConfig.get_default()`).
+    Inputs are validated by the front end.
     """
+    config = config or WriteKVConfig.get_default()
     num_tokens, num_kv_heads, head_size = key.shape
     num_blocks, _, block_size = kv_cache.shape[:3]
     if num_tokens == 0:
@@ -99,4 +116,4 @@ def launch_write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tens
         HAS_K_SCALE=k_scale is not None, HAS_V_SCALE=v_scale is not None,
         INTERPRETED=INTERPRETED, MANTISSA_BITS=round(-math.log2(finfo.eps)),
         MIN_EXPONENT=round(math.log2(finfo.tiny)),
-        num_warps=num_warps)
+        num_warps=config.num_warps)

@@ -63,6 +63,20 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
 
 
+def _token_knobs(implementation: str, num_splits, num_warps, num_stages) -> tuple:
+    """The token kernel's knobs as the ops take them (ints, 0: the default); an int >= 1 each
+    when given (TypeError / ValueError), and a ValueError when the implementation has no such
+    knob (the eager path), rather than dropping it."""
+    knobs = {"num_splits": num_splits, "num_warps": num_warps, "num_stages": num_stages}
+    given = [name for name, value in knobs.items() if value is not None]
+    for name in given:
+        _check_int(name, knobs[name], 1)
+    if given and implementation != "triton":
+        raise ValueError(f"{' / '.join(given)}: knobs of the Triton token kernel, which "
+                         f"implementation {implementation!r} does not run")
+    return tuple(value or 0 for value in knobs.values())
+
+
 def _check_spec(spec) -> None:
     if not isinstance(spec, SparseAttentionSpec):
         raise TypeError(f"spec must be an interop.SparseAttentionSpec, got {type(spec).__name__}")
@@ -182,7 +196,9 @@ def _check_attention(q, kv_cache, topk, block_table, num_kv_heads, sm_scale, out
 def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq_lens,
                            prefix_lens, max_query_len, num_kv_heads, sm_scale, output,
                            k_scale=None, v_scale=None, *, implementation: str | None = None,
-                           prefill_algorithm: str = "auto", impl: str | None = None) -> None:
+                           prefill_algorithm: str = "auto", num_splits: int | None = None,
+                           num_warps: int | None = None, num_stages: int | None = None,
+                           impl: str | None = None) -> None:
     """Block-sparse GQA attention of a prefill batch (the seed's call); writes `output`.
 
     q / output: [total_q, num_heads, head_size] bf16/fp16; kv_cache: logical view
@@ -191,8 +207,9 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
     cu_seqlens_q: [num_reqs + 1] query offsets from 0; seq_lens / prefix_lens: [num_reqs]
     (prefix = tokens cached before this step); max_query_len: unused (kept for the seed's
     signature: the grid runs over tokens). k_scale / v_scale: None, a float or a tensor
-    (scalar or [num_kv_heads, num_blocks * block_size]), FP8 caches only. implementation and
-    prefill_algorithm as in `sparse_attention`; impl: deprecated spelling of implementation.
+    (scalar or [num_kv_heads, num_blocks * block_size]), FP8 caches only. implementation,
+    prefill_algorithm and the token kernel's knobs as in `sparse_attention`; impl: deprecated
+    spelling of implementation.
     """
     check_prefill_algorithm(prefill_algorithm)
     k_scale, v_scale = _check_attention(q, kv_cache, topk_idx, block_table, num_kv_heads,
@@ -205,13 +222,17 @@ def minimax_m3_sparse_attn(q, kv_cache, topk_idx, block_table, cu_seqlens_q, seq
         _check_length(name, x, length, "block_table's rows (+1 for offsets)")
     token_to_req, positions = prefill_token_map(cu_seqlens_q, prefix_lens, q.shape[0])
     implementation = ops.check_implementation(implementation, q.device, impl)
+    knobs = _token_knobs(implementation, num_splits, num_warps, num_stages)
     ops.call_sparse_attn(q, kv_cache, topk_idx, block_table, token_to_req, positions, output,
-                         float(sm_scale), k_scale, v_scale, implementation, prefill_algorithm, 0)
+                         float(sm_scale), k_scale, v_scale, implementation, prefill_algorithm, 0,
+                         *knobs)
 
 
 def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, num_kv_heads,
                                   sm_scale, output, decode_query_len, k_scale=None,
                                   v_scale=None, *, implementation: str | None = None,
+                                  num_splits: int | None = None, num_warps: int | None = None,
+                                  num_stages: int | None = None,
                                   impl: str | None = None) -> None:
     """Block-sparse GQA attention of a uniform decode batch (the seed's call); writes `output`.
 
@@ -219,7 +240,8 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, 
     speculative tokens), at positions seq_lens[r] - L .. seq_lens[r] - 1. Split-K over the
     top-k blocks with a split count from shapes only: capturable in a CUDA graph.
     Other arguments as in `minimax_m3_sparse_attn`; block_table / seq_lens: [num_reqs, ...].
-    implementation as in `sparse_attention`; impl: its deprecated spelling.
+    implementation and the token kernel's knobs as in `sparse_attention`; impl: the
+    deprecated spelling of implementation.
     """
     k_scale, v_scale = _check_attention(q, kv_cache, topk_idx, block_table, num_kv_heads,
                                         sm_scale, output, k_scale, v_scale)
@@ -231,15 +253,17 @@ def minimax_m3_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, 
                          f"of decode_query_len {decode_query_len} make "
                          f"{seq_lens.shape[0] * decode_query_len}")
     implementation = ops.check_implementation(implementation, q.device, impl)
+    knobs = _token_knobs(implementation, num_splits, num_warps, num_stages)
     ops.call_sparse_attn_decode(q, kv_cache, topk_idx, block_table, seq_lens, output,
                                 float(sm_scale), decode_query_len, k_scale, v_scale,
-                                implementation)
+                                implementation, *knobs)
 
 
 def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
                      metadata: SparseMetadata, output=None, *, k_scale=None, v_scale=None,
                      implementation: str | None = None, prefill_algorithm: str = "auto",
-                     impl: str | None = None) -> torch.Tensor:
+                     num_splits: int | None = None, num_warps: int | None = None,
+                     num_stages: int | None = None, impl: str | None = None) -> torch.Tensor:
     """A mixed decode-first batch in one call; returns `output` (allocated when None).
 
     query: [num_tokens, num_heads, head_size]; kv_cache: the logical view in the spec's cache
@@ -251,8 +275,10 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
     None: `default_implementation(query.device)`. prefill_algorithm: the path of the prefill
     rows, one of interop.PREFILL_ALGORITHMS: "auto" (the dispatcher picks per tile), "token",
     "union" or "k2q" (`torch_sparse/dispatch.py`); decode rows always run on the token kernel;
-    the eager implementation has one path. impl: the deprecated spelling of implementation
-    (a DeprecationWarning).
+    the eager implementation has one path. num_splits / num_warps / num_stages: the token
+    kernel's knobs, as in jax_sparse (`attention.TokenKernelConfig`; None: its default; a
+    ValueError with implementation "eager", which has no such knob). impl: the deprecated
+    spelling of implementation (a DeprecationWarning).
 
     Every path gives the same rows on garbage input (contract 5): a row with no valid entry
     is zeros; a repeated entry counts once; a query row holding a NaN or an Inf that attends a
@@ -285,10 +311,11 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
         raise ValueError(f"metadata.num_decode_tokens ({decode_tokens}) must lie in [0, "
                          f"{num_tokens}] (the query's tokens)")
     implementation = ops.check_implementation(implementation, query.device, impl)
+    knobs = _token_knobs(implementation, num_splits, num_warps, num_stages)
     ops.call_sparse_attn(query, kv_cache, topk_indices, metadata.block_table,
                          metadata.token_to_req[:num_tokens],
                          metadata.token_positions[:num_tokens], output, spec.scale, k_scale,
-                         v_scale, implementation, prefill_algorithm, int(decode_tokens))
+                         v_scale, implementation, prefill_algorithm, int(decode_tokens), *knobs)
     return output
 
 

@@ -30,6 +30,7 @@ and no earlier entry of the row holds b.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -38,9 +39,9 @@ import triton.language as tl
 
 from interop.tiling import k2q_tile_shape, k2q_tokens_per_chunk, max_k2q_items
 
-from .triton_common import (LOG2_E, dot_dtype, entry_page, fp16_rows, repeated_entries,
-                            scale_args, visible_blocks)
 from .selection import selected_pages
+from .triton_common import (LOG2_E, check_knob, dot_dtype, entry_page, fp16_rows,
+                            repeated_entries, scale_args, visible_blocks)
 
 # Query tiles one program runs against the block it loaded (its work item holds up to
 # TILES_PER_ITEM * pairs-per-tile pairs of one segment).
@@ -53,6 +54,37 @@ NUM_STAGES = 2
 # (bf16, top-8, rho 0.87): bf16 partials 7.2e-3 relative error, float32 5.4e-3 (the token
 # kernel's), at twice the partial traffic.
 PARTIAL_DTYPE = None
+
+
+@dataclasses.dataclass(frozen=True)
+class K2QConfig:
+    """The k2q kernels' knobs, in the spirit of JAX's `BlockSizes`.
+
+    tiles_per_item: query tiles a block program runs against the page it loaded (the plan's
+      work items hold tiles_per_item * interop.tiling.k2q_tile_shape(group)[1] pairs).
+    num_warps / num_stages: Triton's launch options (the combine kernel takes num_warps).
+    partial_dtype: the partial outputs' dtype (None: the query's; torch.float32 halves the
+      rounding at twice the partial traffic).
+    """
+
+    tiles_per_item: int = TILES_PER_ITEM
+    num_warps: int = NUM_WARPS
+    num_stages: int = NUM_STAGES
+    partial_dtype: torch.dtype | None = PARTIAL_DTYPE
+
+    def __post_init__(self):
+        for name in ("tiles_per_item", "num_warps", "num_stages"):
+            check_knob(self, name)
+        if self.partial_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"K2QConfig.partial_dtype must be None, torch.float32, "
+                            f"torch.bfloat16 or torch.float16, got {self.partial_dtype!r}")
+
+    @classmethod
+    def get_default(cls) -> "K2QConfig":
+        """The tuned defaults (H100): the module's TILES_PER_ITEM, NUM_WARPS, NUM_STAGES and
+        PARTIAL_DTYPE, read at call time."""
+        return cls(tiles_per_item=TILES_PER_ITEM, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                   partial_dtype=PARTIAL_DTYPE)
 
 
 class K2QPlan(NamedTuple):
@@ -274,7 +306,8 @@ def launch_k2q(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
                block_table: torch.Tensor, token_to_req: torch.Tensor,
                token_positions: torch.Tensor, output: torch.Tensor, sm_scale: float, *,
                k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
-               first_token: int = 0, token_mask: torch.Tensor | None = None) -> None:
+               first_token: int = 0, token_mask: torch.Tensor | None = None,
+               config: K2QConfig | None = None) -> None:
     """K2Q attention of tokens [first_token, num_tokens); writes their `output` rows in place.
 
     query / output: [num_tokens, num_heads, head_size]; kv_cache: the logical view
@@ -283,9 +316,11 @@ def launch_k2q(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
     block_table: [num_reqs, max_blocks]; token_to_req / token_positions: [num_tokens]
     (position -1: padding, gets zeros); k_scale / v_scale: None, a 0-d or [num_kv_heads,
     num_blocks * block_size] float32 tensor (FP8 caches only). token_mask: optional bool
-    [num_tokens]: only its True rows are attended and written. Rows before first_token and
-    rows the mask excludes are left untouched. Inputs are validated by the caller.
+    [num_tokens]: only its True rows are attended and written. config: the knobs (None:
+    `K2QConfig.get_default()`). Rows before first_token and rows the mask excludes are left
+    untouched. Inputs are validated by the caller.
     """
+    config = config or K2QConfig.get_default()
     num_tokens, num_heads, head_size = query.shape
     num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
     if num_tokens <= first_token:
@@ -293,7 +328,7 @@ def launch_k2q(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
     width = topk.shape[-1]
     group = num_heads // num_kv_heads
     group_pad, pairs = k2q_tile_shape(group)  # PAIRS * GROUP_PAD >= 64 rows: tl.dot's M
-    part_dtype = PARTIAL_DTYPE or query.dtype
+    part_dtype = config.partial_dtype or query.dtype
     chunk = min(num_tokens - first_token,
                 k2q_tokens_per_chunk(num_kv_heads, num_heads, head_size, width,
                                      torch.finfo(part_dtype).bits // 8))
@@ -307,7 +342,7 @@ def launch_k2q(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
         end = min(start + chunk, num_tokens)
         plan = plan_k2q(topk, block_table, token_to_req, token_positions, num_blocks,
                         block_size=block_size, first_token=start, end_token=end,
-                        token_mask=token_mask, pairs_per_item=pairs * TILES_PER_ITEM)
+                        token_mask=token_mask, pairs_per_item=pairs * config.tiles_per_item)
         if plan.item_start.shape[0]:  # 0 when no page can be valid (an empty cache or table)
             _k2q_block_kernel[(plan.item_start.shape[0],)](
                 query, kv_cache, plan.pair_key, plan.pair_token, plan.pair_column, plan.pair_limit,
@@ -317,11 +352,11 @@ def launch_k2q(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
                 kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
                 *part.stride()[:3], *lse.stride()[:2],
                 ks_head, ks_slot, vs_head, vs_slot,
-                GROUP=group, GROUP_PAD=group_pad, PAIRS=pairs, TILES=TILES_PER_ITEM,
+                GROUP=group, GROUP_PAD=group_pad, PAIRS=pairs, TILES=config.tiles_per_item,
                 HEAD_SIZE=head_size, BLOCK_SIZE=block_size, HAS_K_SCALE=k_scale is not None,
                 HAS_V_SCALE=v_scale is not None, FP16_COMPUTE=fp8,
                 DOT_DTYPE=dot_dtype(query.dtype, fp8),
-                num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                num_warps=config.num_warps, num_stages=config.num_stages)
         _k2q_combine_kernel[(end - start, num_kv_heads)](
             part, lse, output, topk, block_table, token_to_req, token_positions,
             output if token_mask is None else token_mask,
@@ -330,4 +365,4 @@ def launch_k2q(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
             topk.stride(0), topk.stride(1), topk.stride(2), block_table.stride(0),
             GROUP=group, GROUP_PAD=group_pad, HEAD_SIZE=head_size, BLOCK_SIZE=block_size,
             TOPK=width, TOPK_PAD=triton.next_power_of_2(width),
-            HAS_MASK=token_mask is not None, num_warps=NUM_WARPS)
+            HAS_MASK=token_mask is not None, num_warps=config.num_warps)

@@ -16,6 +16,7 @@ checks its slots on a GPU too (`check_slots`), at the price of a host sync.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Optional
@@ -122,14 +123,27 @@ def check_slots(slot_mapping: torch.Tensor, num_slots: int) -> None:
                          "(or negative: padding, not written)")
 
 
+def token_config(num_splits: int, num_warps: int, num_stages: int):
+    """The token kernel's `TokenKernelConfig` from the ops' int knobs (0: the default), or
+    None when every one is 0."""
+    knobs = {name: value for name, value in (("num_splits", num_splits),
+                                             ("num_warps", num_warps),
+                                             ("num_stages", num_stages)) if value}
+    if not knobs:
+        return None
+    return dataclasses.replace(attention.TokenKernelConfig.get_default(), **knobs)
+
+
 def _sparse_attn(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
                 block_table: torch.Tensor, token_to_req: torch.Tensor,
                 token_positions: torch.Tensor, output: torch.Tensor, sm_scale: float,
                 k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
                 implementation: str, prefill_algorithm: str = "auto",
-                first_prefill_token: int = 0) -> None:
+                first_prefill_token: int = 0, num_splits: int = 0, num_warps: int = 0,
+                num_stages: int = 0) -> None:
     """Sparse attention of tokens given by (token_to_req, token_positions) [num_tokens]; rows
-    from first_prefill_token on are prefill tokens."""
+    from first_prefill_token on are prefill tokens. num_splits / num_warps / num_stages: the
+    token kernel's knobs, 0 for its default (`token_config`)."""
     if implementation != "triton":  # "eager" (or its old name, when the op is called directly)
         eager.sparse_attention_eager(query, kv_cache, topk, block_table, token_to_req,
                                      token_positions, output, sm_scale, k_scale, v_scale)
@@ -137,15 +151,18 @@ def _sparse_attn(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
         dispatch.sparse_attention(query, kv_cache, topk, block_table, token_to_req,
                                   token_positions, output, sm_scale, k_scale=k_scale,
                                   v_scale=v_scale, first_prefill_token=first_prefill_token,
-                                  prefill_algorithm=prefill_algorithm)
+                                  prefill_algorithm=prefill_algorithm,
+                                  token_config=token_config(num_splits, num_warps, num_stages))
 
 
 def _sparse_attn_decode(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
                        block_table: torch.Tensor, seq_lens: torch.Tensor, output: torch.Tensor,
                        sm_scale: float, decode_query_len: int,
                        k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
-                       implementation: str) -> None:
-    """Sparse attention of a uniform decode batch: seq_lens [num_reqs], num_reqs * L tokens."""
+                       implementation: str, num_splits: int = 0, num_warps: int = 0,
+                       num_stages: int = 0) -> None:
+    """Sparse attention of a uniform decode batch: seq_lens [num_reqs], num_reqs * L tokens;
+    the knobs as in `_sparse_attn`."""
     if implementation != "triton":
         token_to_req, positions = selection.decode_token_map(seq_lens, decode_query_len)
         eager.sparse_attention_eager(query, kv_cache, topk, block_table, token_to_req,
@@ -153,7 +170,8 @@ def _sparse_attn_decode(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch
     else:
         attention.launch_sparse_attention(query, kv_cache, topk, block_table, output, sm_scale,
                                           seq_lens=seq_lens, decode_query_len=decode_query_len,
-                                          k_scale=k_scale, v_scale=v_scale)
+                                          k_scale=k_scale, v_scale=v_scale,
+                                          config=token_config(num_splits, num_warps, num_stages))
 
 
 def _write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -199,13 +217,14 @@ call_write_kv = _eager_or_op(write_kv, _write_kv)
 # The ops only write into their arguments: tracing them needs no computation.
 @sparse_attn.register_fake
 def _(query, kv_cache, topk, block_table, token_to_req, token_positions, output, sm_scale,
-      k_scale, v_scale, implementation, prefill_algorithm="auto", first_prefill_token=0) -> None:
+      k_scale, v_scale, implementation, prefill_algorithm="auto", first_prefill_token=0,
+      num_splits=0, num_warps=0, num_stages=0) -> None:
     return None
 
 
 @sparse_attn_decode.register_fake
 def _(query, kv_cache, topk, block_table, seq_lens, output, sm_scale, decode_query_len,
-      k_scale, v_scale, implementation) -> None:
+      k_scale, v_scale, implementation, num_splits=0, num_warps=0, num_stages=0) -> None:
     return None
 
 

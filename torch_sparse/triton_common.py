@@ -1,7 +1,9 @@
 """Triton helpers shared by the kernel families (`attention.py`, `union.py`, `k2q.py`,
 `cache.py`): the entry rule's Triton half (the PyTorch half is `selection.py`), the
 online-softmax step over one selected block, the rows' finish with the garbage-in rules
-(contract 5), FP8 query scaling and the launch-side dtype and scale arguments.
+(contract 5), FP8 query scaling, the launch-side dtype and scale arguments, and the check
+every family's knob dataclass (`TokenKernelConfig`, `UnionConfig`, `K2QConfig`,
+`WriteKVConfig`) runs on its fields.
 """
 from __future__ import annotations
 
@@ -16,6 +18,19 @@ LOG2_E = 1.4426950408889634
 # defines a kernel, so this is fixed when torch_sparse is imported.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def check_knob(config, name: str, optional: bool = False) -> None:
+    """A knob dataclass's field `name` is an int >= 1 (None too when optional): a TypeError
+    for another type, a ValueError for a smaller value."""
+    value = getattr(config, name)
+    owner = type(config).__name__
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{owner}.{name} must be an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{owner}.{name} must be >= 1, got {value}")
 
 
 def dot_dtype(query_dtype: torch.dtype, fp8_cache: bool):

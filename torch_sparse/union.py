@@ -22,6 +22,7 @@ its position (FlashInfer's `sparse_fwd_union` idea):
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -31,12 +32,31 @@ import triton.language as tl
 from interop.tiling import union_tile_tokens as tile_tokens
 from interop.tiling import union_tokens_per_chunk as tokens_per_chunk
 
-from .triton_common import (INTERPRETED, LOG2_E, attend_block, dot_dtype, finish_rows,
-                            fp16_rows, scale_args)
 from .selection import selected_pages
+from .triton_common import (INTERPRETED, LOG2_E, attend_block, check_knob, dot_dtype,
+                            finish_rows, fp16_rows, scale_args)
 
 NUM_WARPS = 8
 NUM_STAGES = 3  # H100, 64/4, 16k correlated: 4.66 ms against 4.93 with 2 (4 overflows SMEM)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnionConfig:
+    """The union kernel's launch knobs, in the spirit of JAX's `BlockSizes`: num_warps /
+    num_stages, Triton's launch options (the tile shape follows the GQA group, `tile_tokens`,
+    and the plan depends on it, so it is no knob)."""
+
+    num_warps: int = NUM_WARPS
+    num_stages: int = NUM_STAGES
+
+    def __post_init__(self):
+        check_knob(self, "num_warps")
+        check_knob(self, "num_stages")
+
+    @classmethod
+    def get_default(cls) -> "UnionConfig":
+        """The tuned defaults (H100): NUM_WARPS warps, NUM_STAGES stages."""
+        return cls(num_warps=NUM_WARPS, num_stages=NUM_STAGES)
 
 
 class UnionPlan(NamedTuple):
@@ -223,8 +243,7 @@ def launch_union(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
                  token_positions: torch.Tensor, output: torch.Tensor, sm_scale: float, *,
                  k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
                  first_token: int = 0, plan: UnionPlan | None = None,
-                 max_union: int | None = None, num_warps: int = NUM_WARPS,
-                 num_stages: int = NUM_STAGES) -> None:
+                 max_union: int | None = None, config: UnionConfig | None = None) -> None:
     """Union attention of tokens [first_token, num_tokens); writes their `output` rows in place.
 
     query / output: [num_tokens, num_heads, head_size]; kv_cache: the logical view
@@ -236,9 +255,11 @@ def launch_union(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
     inputs with tile_tokens(group) and this first_token; its tokens [first_token, end_token)
     are attended (None: plans every token from first_token on, in chunks of at most
     interop.tiling.UNION_PLAN_BYTES). max_union: tiles whose `tile_size` exceeds it are left
-    unwritten (None: every tile is written). Rows before first_token are left untouched.
-    Inputs are validated by the caller.
+    unwritten (None: every tile is written). config: the launch knobs (None:
+    `UnionConfig.get_default()`). Rows before first_token are left untouched. Inputs are
+    validated by the caller.
     """
+    config = config or UnionConfig.get_default()
     num_tokens, num_heads, head_size = query.shape
     num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
     width = topk.shape[-1]
@@ -276,4 +297,5 @@ def launch_union(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
             HEAD_SIZE=head_size, BLOCK_SIZE=block_size, ENTRIES=part.page.shape[-1],
             HAS_K_SCALE=k_scale is not None, HAS_V_SCALE=v_scale is not None,
             FP16_COMPUTE=fp8, DOT_DTYPE=dot_dtype(query.dtype, fp8),
-            DYNAMIC_LOOP=not INTERPRETED, num_warps=num_warps, num_stages=num_stages)
+            DYNAMIC_LOOP=not INTERPRETED, num_warps=config.num_warps,
+            num_stages=config.num_stages)
