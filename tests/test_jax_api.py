@@ -44,9 +44,9 @@ def test_allocate_kv_cache_fill_device_and_errors():
     assert (full == interop.FP8_MAX["float8_e4m3fn"]).all(), "FP8 fill not saturated"
     nan = np.asarray(jax_sparse.allocate_kv_cache(spec, 2, fill=np.nan).astype(jnp.float32))
     assert np.isnan(nan).all(), "NaN fill lost"
-    device = jax.devices()[1]
+    device = jax.devices("cpu")[1]
     assert jax_sparse.allocate_kv_cache(spec, 2, device=device).devices() == {device}
-    mesh = Mesh(np.array(jax.devices()[:2]).reshape(2, 1), ("dp", "tp"))
+    mesh = Mesh(np.array(jax.devices("cpu")[:2]).reshape(2, 1), ("dp", "tp"))
     sharding = jax_sparse.kv_cache_sharding(mesh, spec)
     assert jax_sparse.allocate_kv_cache(spec, 4, device=sharding).sharding == sharding
     with pytest.raises(TypeError, match=r"dtype float32 is not a query dtype"):

@@ -4,9 +4,9 @@ Every case runs every implementation that runs on CPU with every prefill_algorit
 (Triton-backend Pallas in interpret mode: the token kernel with one split and with several,
 "union", "k2q", and "auto" with its thresholds lowered so that one call mixes the union, k2q
 and token kernels), "tpu" (Pallas TPU in interpret mode) and "xla"; and compares each with the
-float64 `interop.reference_attention`. "mosaic" cannot run without a Hopper GPU: its plan (the
-repeats rule) and its split merge (the NaN rule) are the shared code tested here, and its
-kernel is lowered for CUDA; tests/test_jax_mosaic.py runs it on the GPU.
+float64 `interop.reference_attention`; on a Hopper GPU "mosaic" too (the Pallas kernels then run
+compiled). On CPU "mosaic" cannot run: its plan (the repeats rule) and its split merge (the NaN
+rule) are the shared code tested here, and tests/test_jax_mosaic.py lowers its kernel for CUDA.
 
 Rows are compared as the contract states them: a row is NaN when the reference row holds a
 NaN (a path may spread the NaN over the whole row), zeros where the reference has zeros, and
@@ -37,6 +37,7 @@ TOL = 1e-2  # bf16/fp16 queries and P in the dot products
 # context), padded to 40 tokens.
 QUERY_LENS, SEQ_LENS = [1, 1, 20, 9], [300, 129, 400, 9]
 ALGORITHMS = ("auto", "token", "union", "k2q")
+ON_HOPPER = mosaic.mosaic_available()
 
 
 def _problem(rng, cache="auto", layout="NHD", heads=(8, 2), topk=16, scale_mode="none", **kw):
@@ -77,21 +78,24 @@ def _mixed_auto(problem, monkeypatch):
 
 
 def _every_path(problem, monkeypatch):
-    """{label: output} of every implementation x prefill_algorithm that runs on CPU."""
+    """{label: output} of every implementation x prefill_algorithm that runs here: "pallas",
+    "tpu" and "xla" everywhere, "mosaic" on a Hopper GPU (one split and several)."""
     md = interop.to_jax(problem.metadata)
     k_scale, v_scale = _scales(problem)
     args = (problem.spec, jnp.asarray(problem.query), jnp.asarray(problem.kv_cache),
             jnp.asarray(problem.topk_indices), md)
+    runnable = ("pallas", "tpu", "xla", *(("mosaic",) if ON_HOPPER else ()))
     outs = {}
-    for impl in ("pallas", "tpu", "xla"):
+    for impl in runnable:
         for algorithm in ALGORITHMS:
             outs[f"{impl} {algorithm}"] = jax_sparse.sparse_attention(
                 *args, k_scale=k_scale, v_scale=v_scale, implementation=impl,
                 prefill_algorithm=algorithm)
-    for splits in (1, 4):
-        outs[f"pallas token num_splits={splits}"] = jax_sparse.sparse_attention(
-            *args, k_scale=k_scale, v_scale=v_scale, implementation="pallas",
-            prefill_algorithm="token", num_splits=splits)
+    for impl in runnable[::3]:  # pallas, mosaic: split-K with its merge, and without
+        for splits in (1, 4):
+            outs[f"{impl} token num_splits={splits}"] = jax_sparse.sparse_attention(
+                *args, k_scale=k_scale, v_scale=v_scale, implementation=impl,
+                prefill_algorithm="token", num_splits=splits)
     outs["pallas auto (union + k2q + token)"] = _mixed_auto(problem, monkeypatch)
     return outs
 
@@ -338,21 +342,26 @@ def _expected_after_write(problem, slots):
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("where", ["numpy", "jax-cpu"])
+@pytest.mark.parametrize("where", ["numpy", "jax-cpu", "device-checks"])
 def test_write_kv_slot_past_cache_is_an_error_before_donation(rng, layout, where):
+    """NumPy slots and JAX slots on the CPU are checked on every call (free); slots on the
+    default device (a GPU's copy to the host) in the check mode."""
     problem, key, value, slots = _write_args(rng, layout)
     num_slots = problem.kv_cache.shape[0] * problem.spec.block_size
     slots[5], slots[9] = num_slots, num_slots + 1000
-    cache = jnp.asarray(problem.kv_cache)
-    bad = slots if where == "numpy" else jnp.asarray(slots)
+    checks = where == "device-checks"
+    cpu = jax.devices("cpu")[0]
+    if where == "jax-cpu":
+        cache, key, value, bad = (jax.device_put(x, cpu) for x in (
+            problem.kv_cache, key, value, slots))
+    else:
+        cache = jnp.asarray(problem.kv_cache)
+        bad = slots if where == "numpy" else jnp.asarray(slots)
     with pytest.raises(ValueError, match=rf"slot_mapping\[5\] = {num_slots} is past the cache: "
                                          rf"slots must be < num_blocks \* block_size = "
                                          rf"{num_slots} \(2 tokens are"):
-        jax_sparse.write_kv(cache, key, value, bad, problem.spec)
+        jax_sparse.write_kv(cache, key, value, bad, problem.spec, checks=checks)
     assert not cache.is_deleted(), "a failed write_kv consumed the donated cache"
-    with pytest.raises(ValueError, match=r"slot_mapping\[5\]"):  # checks=False: still free
-        jax_sparse.write_kv(cache, key, value, bad, problem.spec, checks=False)
-    assert not cache.is_deleted()
 
 
 @pytest.mark.parametrize("layout", ["NHD", "HND"])
@@ -429,7 +438,7 @@ def test_sharded_write_kv_slot_past_the_ranks_pages(rng):
     """sharded_write_kv: rank-local slots past the rank's own pages are a ValueError before
     donation (host slots), and never written under jit."""
     from jax.sharding import Mesh
-    devices = np.array(jax.devices()[:2]).reshape(2, 1)
+    devices = np.array(jax.devices("cpu")[:2]).reshape(2, 1)
     mesh = Mesh(devices, ("dp", "tp"))
     problem, key, value, slots = _write_args(rng)
     spec = problem.spec
@@ -451,7 +460,8 @@ def test_write_kv_into_a_torch_owned_cache_is_an_error(rng):
     import interop.bridges as bridges
     if not hasattr(bridges, "imported_from_torch"):
         pytest.xfail("interop.bridges.imported_from_torch is not on this branch yet")
-    problem, key, value, slots = _write_args(rng, "HND")
+    problem, _, _, slots = _write_args(rng, "HND")
+    key, value = problem.key, problem.value  # host arrays: they follow the (CPU) cache
     spec = problem.spec
     t_cache = interop.allocate_torch_kv_cache(spec, problem.kv_cache.shape[0], torch.bfloat16)
     t_cache.copy_(interop.kv_cache_to_torch(problem.kv_cache, spec, copy=True))
