@@ -77,8 +77,7 @@ def check_cache_owner(kv_cache) -> None:
     """ValueError for a cache that PyTorch owns (an array `interop.kv_cache_to_jax` or
     `interop.to_jax` made from a tensor): JAX cannot write into that buffer, and a copy would
     leave PyTorch's cache stale without a word (contract, section 5)."""
-    imported = getattr(interop.bridges, "imported_from_torch", lambda a: False)
-    if not is_traced(kv_cache) and imported(kv_cache):
+    if not is_traced(kv_cache) and interop.bridges.imported_from_torch(kv_cache):
         raise ValueError(
             "kv_cache is a PyTorch-owned cache imported with interop.kv_cache_to_jax: JAX "
             "cannot write into it in place (its writes would go to a copy PyTorch never sees). "
