@@ -4,10 +4,8 @@ import numpy as np
 import pytest
 
 import interop
-from interop.testing import (NUMPY_DTYPES, make_topk, matching_query_dtype, poison_unused_slots,
-                             random_problem, relative_error)
-from tests.helpers import (DECODE_BATCHES, JAX_ROWS, MIXED_BATCHES, QUERY_LENS,  # noqa: F401
-                           SEQ_LENS, TOL, row_id)
+from interop.testing import matching_query_dtype, poison_unused_slots
+from tests.helpers import DECODE_BATCHES, JAX_ROWS, MIXED_BATCHES, row_id
 from tests.helpers import check as _check
 from tests.helpers import garbage_block_table
 from tests.helpers import garbage_topk as _garbage_topk
@@ -166,34 +164,6 @@ def test_seed_calls_match_reference(rng, impl, layout, decode_query_len):
 
 
 # --- jit: no recompilation across batches of the same padded sizes ----------------------------
-
-MIXED_BATCHES = [([1, 1, 1, 1], [5, 300, 129, 700], 1),
-                 ([1, 1, 9, 13], [640, 2, 200, 13], 1),
-                 ([2, 2, 2, 2], [130, 256, 3, 500], 2),
-                 ([20, 1, 1, 1], [600, 40, 7, 128], 1)]
-DECODE_BATCHES = [([1] * 4, [5, 300, 129, 700], 1), ([1] * 4, [640, 2, 200, 13], 1),
-                  ([1] * 4, [128, 129, 1, 700], 1)]
-
-
-def _same_shape_batches(rng, spec, shapes, num_tokens=24, num_reqs=4, max_blocks=6,
-                        num_blocks=24):
-    """Batches that differ in everything but the padded sizes: decode/prefill split, lengths,
-    contexts, block tables."""
-    cache = rng.standard_normal(spec.physical_kv_cache_shape(num_blocks)).astype(
-        NUMPY_DTYPES["bfloat16"])
-    query = rng.standard_normal((num_tokens, spec.num_heads, spec.head_size)).astype(
-        NUMPY_DTYPES["bfloat16"])
-    for query_lens, seq_lens, decode_query_len in shapes:
-        table = np.full((num_reqs, max_blocks), -1, np.int32)
-        pages = rng.permutation(num_blocks)
-        needed = -(-np.asarray(seq_lens) // spec.block_size)
-        for r, n in enumerate(needed):
-            table[r, :n] = pages[needed[:r].sum():needed[:r].sum() + n]
-        md = interop.build_metadata(query_lens, seq_lens, table, num_tokens=num_tokens,
-                                    decode_query_len=decode_query_len, num_blocks=num_blocks)
-        topk = make_topk(md, spec.num_kv_heads, spec.topk_blocks, rng, scatter=True)
-        yield query, cache, topk, md
-
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_no_recompile_across_batches(rng, impl):
