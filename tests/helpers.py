@@ -28,9 +28,27 @@ TOL = 1e-2
 QUERY_LENS, SEQ_LENS, NUM_TOKENS = [1, 1, 1, 24, 9], [300, 129, 600, 540, 9], 40
 # The same with speculative decodes of 2 tokens each.
 SPEC_QUERY_LENS, SPEC_SEQ_LENS = [2, 2, 2, 23, 9], [300, 130, 600, 540, 9]
-# Every cache dtype the spec takes (auto: the query dtype) and each with its scale modes.
-CACHE_DTYPES = ["auto", "float16", "fp8_e4m3", "fp8_e5m2"]
-SCALE_MODES = ["none", "scalar", "per_slot"]
+# The JAX tests' specs on that batch (top-k 8): every cache dtype in both layouts, each FP8
+# format with every scale mode, GQA groups 4 (two and four KV heads) and 16, speculative decodes
+# (L = 2, on SPEC_QUERY_LENS: the same padded shapes) and the token kernel's split counts taking
+# turns. Tests that share a row's spec and the batch's shapes share its compiled functions.
+# (cache, layout, heads, scale_mode, decode_query_len, num_splits)
+JAX_ROWS = [
+    ("auto", "NHD", (8, 2), "none", 1, None),
+    ("auto", "HND", (16, 1), "none", 2, 2),
+    ("float16", "NHD", (16, 1), "none", 1, 1),
+    ("float16", "HND", (16, 4), "none", 2, None),
+    ("fp8_e4m3", "NHD", (8, 2), "per_slot", 2, 4),
+    ("fp8_e4m3", "HND", (16, 1), "scalar", 1, 8),
+    ("fp8_e4m3", "HND", (8, 2), "none", 2, 1),
+    ("fp8_e5m2", "NHD", (16, 1), "scalar", 1, None),
+    ("fp8_e5m2", "HND", (8, 2), "per_slot", 2, 2),
+    ("fp8_e5m2", "NHD", (16, 4), "none", 1, 4),
+]
+
+
+def row_id(row) -> str:
+    return "-".join(str(v).replace(" ", "") for v in row)
 
 
 def spec(heads=(8, 2), cache="auto", layout="NHD", topk=8, **kw) -> interop.SparseAttentionSpec:
@@ -39,14 +57,18 @@ def spec(heads=(8, 2), cache="auto", layout="NHD", topk=8, **kw) -> interop.Spar
 
 
 def problem(rng, cache="auto", layout="NHD", heads=(8, 2), topk=8, *, query_lens=None,
-            seq_lens=None, num_tokens=None, query_dtype=None, rho=None, **kw):
+            seq_lens=None, num_tokens=None, query_dtype=None, rho=None, decode_query_len=1,
+            **kw):
     """A random batch (`interop.testing.random_problem`) over `spec(heads, cache, layout,
-    topk)`; default the shared mixed batch padded to NUM_TOKENS rows. The query dtype
-    defaults to `matching_query_dtype(cache)`. rho: an M3-like correlated selection (with
-    the same scatter / future_fraction / empty_fraction) instead of the uniform one."""
+    topk)`; default the shared mixed batch padded to NUM_TOKENS rows (with decodes of
+    `decode_query_len` 1 or 2). The query dtype defaults to `matching_query_dtype(cache)`.
+    rho: an M3-like correlated selection (with the same scatter / future_fraction /
+    empty_fraction) instead of the uniform one."""
     if query_lens is None:
-        query_lens, seq_lens = QUERY_LENS, SEQ_LENS
+        query_lens, seq_lens = ((QUERY_LENS, SEQ_LENS) if decode_query_len == 1
+                                else (SPEC_QUERY_LENS, SPEC_SEQ_LENS))
         num_tokens = NUM_TOKENS if num_tokens is None else num_tokens
+    kw["decode_query_len"] = decode_query_len
     p = random_problem(spec(heads, cache, layout, topk), query_lens, seq_lens, rng,
                        query_dtype=query_dtype or matching_query_dtype(cache),
                        num_tokens=num_tokens, rho=rho, **kw)

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 
 import interop
-from interop.testing import (make_topk, matching_query_dtype, poison_unused_slots, random_problem,
-                             relative_error)
+from interop.testing import matching_query_dtype, poison_unused_slots
+from tests.helpers import JAX_ROWS, TOL, relative_error, row_id
+from tests.helpers import problem as _shared_problem
+from tests.helpers import reference as _reference
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -13,23 +15,15 @@ import jax.numpy as jnp  # noqa: E402
 from jax_sparse import k2q  # noqa: E402
 from tests.device_reference import jax_reference  # noqa: E402
 
-TOL = 1e-2  # bf16/fp16 queries, P and partials; fp8 values are exact in bf16
-# A mixed decode-first batch: 3 decodes (one at a block edge), then 2 prefill chunks (one
-# starting past a context, one from position 0), padded to 40 tokens.
-QUERY_LENS, SEQ_LENS = [1, 1, 1, 24, 9], [300, 129, 600, 540, 9]
-
 
 def _problem(rng, cache="auto", layout="NHD", heads=(8, 2), topk=8, rho=None,
-             query_lens=QUERY_LENS, seq_lens=SEQ_LENS, **kw):
-    spec = interop.SparseAttentionSpec(*heads, topk_blocks=topk, kv_cache_dtype=cache,
-                                       kv_cache_layout=layout)
-    kw.setdefault("num_tokens", sum(query_lens) + 5)
-    problem = random_problem(spec, query_lens, seq_lens, rng,
-                             query_dtype=matching_query_dtype(cache), **kw)
-    if rho is not None:  # M3-like overlap between neighbouring rows
-        problem.topk_indices = make_topk(problem.metadata, heads[1], topk, rng, rho=rho,
-                                         scatter=kw.get("scatter", False))
-    return problem
+             query_lens=None, seq_lens=None, **kw):
+    """The shared mixed batch (tests/helpers.py: 3 decodes, a prefill chunk past a context
+    and one from position 0, padding), uniform or M3-like correlated (rho) selections."""
+    if query_lens is not None:
+        kw.setdefault("num_tokens", sum(query_lens) + 5)
+    return _shared_problem(rng, cache, layout, heads, topk, rho=rho, query_lens=query_lens,
+                           seq_lens=seq_lens, **kw)
 
 
 def _scale(s):
@@ -53,12 +47,6 @@ def _run(problem, token_mask=None, out=None, force_packed=False):
                 None if token_mask is None else jnp.asarray(token_mask),
                 None if out is None else jnp.asarray(out),
                 _scale(problem.k_scale), _scale(problem.v_scale))
-
-
-def _reference(problem):
-    return interop.reference_attention(
-        problem.spec, problem.query, problem.kv_cache, problem.topk_indices, problem.metadata,
-        problem.k_scale, problem.v_scale)
 
 
 def _check(out, problem, label, token_mask=None, kept=None, ref=None):
@@ -86,13 +74,20 @@ def _poisoned_out(problem, rng, token_mask):
 
 # --- parity with the float64 reference -------------------------------------------------------
 
-@pytest.mark.parametrize("heads", [(8, 2), (16, 1)], ids=["gqa4", "gqa16"])
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("cache", ["auto", "float16"])
-def test_parity_every_token(rng, heads, layout, cache):
-    problem = _problem(rng, cache, layout, heads, scatter=True, future_fraction=0.4,
-                       empty_fraction=0.1)
-    _check(_run(problem), problem, f"{cache} {layout} {heads}")
+# One spec of JAX_ROWS for every cache dtype x layout (both FP8 formats with each scale mode),
+# and a GQA group that is not a power of two (12/2, padded to 16 rows per token).
+ROWS = {}
+for row in JAX_ROWS:
+    ROWS.setdefault(row[:2], row[:4])
+CASES = [*ROWS.values(), ("fp8_e4m3", "NHD", (12, 2), "none")]
+
+
+@pytest.mark.parametrize("cache, layout, heads, scale_mode", CASES,
+                         ids=[row_id(c) for c in CASES])
+def test_parity_every_token(rng, cache, layout, heads, scale_mode):
+    problem = _problem(rng, cache, layout, heads, scale_mode=scale_mode, scatter=True,
+                       future_fraction=0.4, empty_fraction=0.1)
+    _check(_run(problem), problem, f"{cache} {layout} {heads} scales={scale_mode}")
 
 
 @pytest.mark.parametrize("heads, layout", [((8, 2), "NHD"), ((16, 1), "HND")])
@@ -113,17 +108,6 @@ def test_token_mask_subset(rng, with_out):
     mask = rng.random(problem.metadata.num_tokens) < 0.5
     out = _poisoned_out(problem, rng, mask) if with_out else None
     _check(_run(problem, mask, out), problem, f"random subset, out={with_out}", mask, out)
-
-
-@pytest.mark.parametrize("cache, scale_mode, layout, heads", [
-    ("fp8_e4m3", "none", "NHD", (12, 2)), ("fp8_e4m3", "scalar", "HND", (16, 1)),
-    ("fp8_e4m3", "per_slot", "NHD", (16, 1)), ("fp8_e5m2", "scalar", "NHD", (8, 2)),
-    ("fp8_e5m2", "per_slot", "HND", (16, 1))])
-def test_parity_fp8(rng, cache, scale_mode, layout, heads):
-    """FP8 caches (float16 compute), and a GQA group that is not a power of two (12/2)."""
-    problem = _problem(rng, cache, layout, heads, scale_mode=scale_mode, scatter=True,
-                       future_fraction=0.3, empty_fraction=0.1)
-    _check(_run(problem), problem, f"{cache} scales={scale_mode} {layout} {heads}")
 
 
 @pytest.mark.parametrize("cache, scale_mode, layout", [("fp8_e4m3", "per_slot", "NHD"),
@@ -162,7 +146,7 @@ def test_nan_outside_attended_keys_is_ignored(rng):
 
 def test_garbage_topk_and_block_table(rng):
     """Entries and pages outside every range are skipped, never followed."""
-    problem = _problem(rng, topk=16, scatter=True)
+    problem = _problem(rng, scatter=True)
     topk = problem.topk_indices
     junk = rng.choice(np.array([2**31 - 1, -2**31, -7, 10**6], np.int32), topk.shape)
     problem.topk_indices = np.where(topk == -1, junk, topk).astype(np.int32)
@@ -174,7 +158,7 @@ def test_garbage_topk_and_block_table(rng):
 
 
 def test_empty_rows_and_padding_give_zeros(rng):
-    problem = _problem(rng, num_tokens=48, empty_fraction=1.0)
+    problem = _problem(rng, empty_fraction=1.0)
     out = np.asarray(_run(problem), np.float64)
     assert np.isfinite(out).all() and not out.any(), "rows with no entry are not all zeros"
 

@@ -21,7 +21,11 @@ import jax.numpy as jnp  # noqa: E402
 import jax_sparse  # noqa: E402
 from jax_sparse import mosaic  # noqa: E402
 
-from .test_jax_token import _check, _garbage_topk, _problem, _reference, _run  # noqa: E402
+from tests.helpers import check as _check  # noqa: E402
+from tests.helpers import garbage_topk as _garbage_topk  # noqa: E402
+from tests.helpers import jax_run as _run  # noqa: E402
+from tests.helpers import problem as _problem  # noqa: E402
+from tests.helpers import reference as _reference  # noqa: E402
 
 ON_HOPPER = mosaic.mosaic_available()
 needs_hopper = pytest.mark.skipif(not ON_HOPPER, reason="needs Mosaic GPU on a Hopper GPU: "

@@ -4,8 +4,16 @@ import numpy as np
 import pytest
 
 import interop
-from interop.testing import (NUMPY_DTYPES, make_topk, matching_query_dtype, poison_unused_slots,
-                             random_problem, relative_error)
+from interop.testing import matching_query_dtype, poison_unused_slots
+from tests.helpers import DECODE_BATCHES, JAX_ROWS, MIXED_BATCHES, row_id
+from tests.helpers import check as _check
+from tests.helpers import garbage_block_table
+from tests.helpers import garbage_topk as _garbage_topk
+from tests.helpers import jax_run as _run
+from tests.helpers import jax_scales as _scales
+from tests.helpers import problem as _problem
+from tests.helpers import reference as _reference
+from tests.helpers import same_shape_batches as _same_shape_batches
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -13,30 +21,9 @@ import jax.numpy as jnp  # noqa: E402
 import jax_sparse  # noqa: E402
 from tests.device_reference import jax_reference  # noqa: E402
 
-TOL = 1e-2  # bf16/fp16 queries and P in the dot products; fp8 values are exact in bf16
 IMPLS = ["pallas", "xla"]
 ON_GPU = jax.default_backend() == "gpu"
 jax_on_gpu = pytest.mark.skipif(not ON_GPU, reason="needs JAX on a GPU")
-# A mixed decode-first batch: 3 decodes (one at a block edge), then 2 prefill chunks.
-QUERY_LENS, SEQ_LENS = [1, 1, 1, 24, 9], [300, 129, 600, 540, 9]
-
-
-def _scales(problem):
-    return [None if s is None else jnp.asarray(s) for s in (problem.k_scale, problem.v_scale)]
-
-
-def _run(problem, impl, **kw):
-    k_scale, v_scale = _scales(problem)
-    return jax_sparse.sparse_attention(
-        problem.spec, jnp.asarray(problem.query), jnp.asarray(problem.kv_cache),
-        jnp.asarray(problem.topk_indices), interop.to_jax(problem.metadata), k_scale=k_scale,
-        v_scale=v_scale, implementation=impl, **kw)
-
-
-def _reference(problem, kv_cache=None):
-    return interop.reference_attention(
-        problem.spec, problem.query, problem.kv_cache if kv_cache is None else kv_cache,
-        problem.topk_indices, problem.metadata, problem.k_scale, problem.v_scale)
 
 
 def _device_reference(problem):
@@ -46,61 +33,7 @@ def _device_reference(problem):
                          problem.metadata, problem.k_scale, problem.v_scale)
 
 
-def _check(out, ref, label, tol=TOL):
-    out = np.asarray(out, np.float64)
-    assert out.shape == ref.shape, f"{label}: shape {out.shape}, expected {ref.shape}"
-    err = relative_error(out, ref)
-    assert err < tol, f"{label}: relative error {err:.3g} >= {tol}"
-    zero_rows = ~ref.any(axis=(1, 2))
-    assert not out[zero_rows].any(), f"{label}: rows with no valid entry are not all zeros"
-
-
-def _problem(rng, cache="auto", layout="NHD", heads=(8, 2), topk=8, query_dtype=None,
-             query_lens=QUERY_LENS, seq_lens=SEQ_LENS, **kw):
-    spec = interop.SparseAttentionSpec(*heads, topk_blocks=topk, kv_cache_dtype=cache,
-                                       kv_cache_layout=layout)
-    return random_problem(spec, query_lens, seq_lens, rng,
-                          query_dtype=query_dtype or matching_query_dtype(cache), **kw)
-
-
 # --- parity with the float64 reference -------------------------------------------------------
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("heads", [(8, 2), (16, 1)], ids=["gqa4", "gqa16"])
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("cache", ["auto", "float16", "fp8_e4m3", "fp8_e5m2"])
-def test_parity_mixed_batch(rng, impl, heads, layout, cache):
-    problem = _problem(rng, cache, layout, heads, num_tokens=40, scatter=True,
-                       future_fraction=0.4, empty_fraction=0.1)
-    _check(_run(problem, impl), _reference(problem), f"{impl} {cache} {layout} {heads}")
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("decode_query_len", [1, 2])
-def test_parity_decode_query_len(rng, impl, layout, decode_query_len):
-    problem = _problem(rng, layout=layout, heads=(16, 4), decode_query_len=decode_query_len,
-                       query_lens=[decode_query_len] * 3 + [17],
-                       seq_lens=[257, 128 + decode_query_len, 520, 400], scatter=True,
-                       future_fraction=0.3)
-    _check(_run(problem, impl), _reference(problem), f"{impl} L={decode_query_len} {layout}")
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("scale_mode", ["none", "scalar", "per_slot"])
-@pytest.mark.parametrize("cache", ["fp8_e4m3", "fp8_e5m2"])
-def test_parity_fp8_scales(rng, impl, scale_mode, cache):
-    problem = _problem(rng, cache, "HND", (16, 4), scale_mode=scale_mode, scatter=True)
-    _check(_run(problem, impl), _reference(problem), f"{impl} {cache} scales={scale_mode}")
-
-
-@pytest.mark.parametrize("num_splits", [1, 2, 4, 8])
-def test_pallas_splits(rng, num_splits):
-    problem = _problem(rng, "fp8_e4m3", heads=(8, 2), scale_mode="per_slot", scatter=True,
-                       future_fraction=0.5, empty_fraction=0.2)
-    _check(_run(problem, "pallas", num_splits=num_splits), _reference(problem),
-           f"num_splits={num_splits}")
-
 
 def _run_packed(problem, interpret=None):
     """The Pallas kernel with the FP8 cache handed over as uint16 pairs (the path caches past
@@ -115,12 +48,24 @@ def _run_packed(problem, interpret=None):
         k_scale, v_scale, force_packed=True, interpret=interpret)
 
 
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("cache, scale_mode", [("fp8_e4m3", "per_slot"), ("fp8_e5m2", "scalar")])
-def test_packed_fp8_cache(rng, layout, cache, scale_mode):
-    problem = _problem(rng, cache, layout, (16, 1), scale_mode=scale_mode, scatter=True,
-                       future_fraction=0.3, empty_fraction=0.1)
-    _check(_run_packed(problem), _reference(problem), f"packed {cache} {layout}")
+@pytest.mark.parametrize("cache, layout, heads, scale_mode, decode_query_len, num_splits",
+                         JAX_ROWS, ids=[row_id(r) for r in JAX_ROWS])
+def test_parity_mixed_batch(rng, cache, layout, heads, scale_mode, decode_query_len,
+                            num_splits):
+    """Both implementations on one mixed batch (decodes of 1 or 2 tokens, prefill chunks,
+    padding, sentinels anywhere in a row, future blocks, empty rows); the Pallas kernel with
+    the row's split count and, for FP8 caches with scales, also on the cache as uint16 pairs
+    (the path caches past 2^31 elements take)."""
+    problem = _problem(rng, cache, layout, heads, scale_mode=scale_mode,
+                       decode_query_len=decode_query_len, scatter=True, future_fraction=0.4,
+                       empty_fraction=0.1)
+    ref = _reference(problem)
+    label = f"{cache} {layout} {heads} scales={scale_mode} L={decode_query_len}"
+    _check(_run(problem, "pallas", num_splits=num_splits), ref,
+           f"pallas num_splits={num_splits} {label}")
+    _check(_run(problem, "xla"), ref, f"xla {label}")
+    if scale_mode != "none":
+        _check(_run_packed(problem), ref, f"pallas packed {label}")
 
 
 def test_needs_packing_only_past_32_bit_offsets():
@@ -160,56 +105,40 @@ def test_pallas_lowers_for_cuda(layout, cache, packed):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_empty_rows_and_padding_give_zeros(rng, impl):
-    problem = _problem(rng, num_tokens=48, empty_fraction=1.0)
+    problem = _problem(rng, empty_fraction=1.0)
     out = np.asarray(_run(problem, impl), np.float64)
     assert np.isfinite(out).all() and not out.any(), f"{impl}: rows with no entry not zeros"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("cache", ["auto", "fp8_e4m3"])
-def test_nan_outside_attended_keys_is_ignored(rng, impl, cache):
+@pytest.mark.parametrize("cache, scale_mode", [("auto", "none"), ("fp8_e4m3", "per_slot")])
+def test_nan_outside_attended_keys_is_ignored(rng, impl, cache, scale_mode):
     """Slots no token may attend (past each request's end, spare pages) hold NaN."""
-    problem = _problem(rng, cache, scatter=True, future_fraction=0.5)
+    problem = _problem(rng, cache, scale_mode=scale_mode, scatter=True, future_fraction=0.5)
     ref = _reference(problem)
     poison_unused_slots(problem)
     _check(_run(problem, impl), ref, f"{impl} {cache} NaN-poisoned unused slots")
 
 
-def _garbage_topk(problem, rng):
-    """Every -1 replaced by junk that is never valid: huge, negative, future, past the table."""
-    topk = problem.topk_indices.copy()
-    limit = np.maximum(np.asarray(problem.metadata.token_positions) // 128 + 1, 0)
-    max_blocks = problem.metadata.block_table.shape[1]
-    junk = np.stack(np.broadcast_arrays(
-        np.int32(2**31 - 1), np.int32(-2**31), np.int32(-7), limit[None, :, None],
-        limit[None, :, None] + 40, np.int32(max_blocks), np.int32(max_blocks + 3),
-        np.zeros(topk.shape, np.int32)), axis=-1)[..., :7]
-    pick = rng.integers(0, junk.shape[-1], topk.shape)
-    junk = np.take_along_axis(junk, pick[..., None], -1)[..., 0]
-    # Entries stay distinct (the contract's promise): a future block may only appear once.
-    return np.where(topk == -1, junk, topk).astype(np.int32)
-
-
-@pytest.mark.parametrize("impl, algorithm", [("xla", "auto"), ("pallas", "token"),
-                                             ("pallas", "union"), ("pallas", "k2q")])
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
-def test_garbage_topk_and_block_table(rng, impl, algorithm, layout):
-    problem = _problem(rng, layout=layout, topk=16, num_tokens=40, scatter=True)
+# The xla and the token paths with the specs of JAX_ROWS 0 and 1; union and k2q likewise (as in
+# tests/test_jax_union.py, so the compiled functions are shared).
+@pytest.mark.parametrize("impl, algorithm, layout, heads", [
+    ("xla", "auto", "NHD", (8, 2)), ("pallas", "token", "HND", (16, 1)),
+    ("pallas", "union", "NHD", (8, 2)), ("pallas", "k2q", "HND", (16, 1))],
+    ids=["xla", "token-HND", "union-NHD", "k2q-HND"])
+def test_garbage_topk_and_block_table(rng, impl, algorithm, layout, heads):
+    problem = _problem(rng, layout=layout, heads=heads, scatter=True)
     problem.topk_indices = _garbage_topk(problem, rng)
     # Pages outside the cache in a block the token may see: masked, never followed.
-    num_blocks = problem.kv_cache.shape[0]
-    table = problem.metadata.block_table.copy()
-    table[0, 0], table[3, 1], table[2, 4] = num_blocks + 5, -3, 2**31 - 1
-    problem.metadata = problem.metadata.replace(block_table=table)
+    problem.metadata = garbage_block_table(problem)
     _check(_run(problem, impl, prefill_algorithm=algorithm), _reference(problem),
            f"{impl} {algorithm} {layout} garbage top-k")
 
 
 # --- the seed's calls --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("decode_query_len", [1, 2])
+@pytest.mark.parametrize("impl, layout, decode_query_len", [
+    ("pallas", "NHD", 1), ("pallas", "HND", 2), ("xla", "HND", 1)])
 def test_seed_calls_match_reference(rng, impl, layout, decode_query_len):
     problem = _problem(rng, "fp8_e4m3", layout, (16, 4), decode_query_len=decode_query_len,
                        query_lens=[decode_query_len] * 2 + [20, 7], seq_lens=[400, 131, 300, 7],
@@ -235,34 +164,6 @@ def test_seed_calls_match_reference(rng, impl, layout, decode_query_len):
 
 
 # --- jit: no recompilation across batches of the same padded sizes ----------------------------
-
-MIXED_BATCHES = [([1, 1, 1, 1], [5, 300, 129, 700], 1),
-                 ([1, 1, 9, 13], [640, 2, 200, 13], 1),
-                 ([2, 2, 2, 2], [130, 256, 3, 500], 2),
-                 ([20, 1, 1, 1], [600, 40, 7, 128], 1)]
-DECODE_BATCHES = [([1] * 4, [5, 300, 129, 700], 1), ([1] * 4, [640, 2, 200, 13], 1),
-                  ([1] * 4, [128, 129, 1, 700], 1)]
-
-
-def _same_shape_batches(rng, spec, shapes, num_tokens=24, num_reqs=4, max_blocks=6,
-                        num_blocks=24):
-    """Batches that differ in everything but the padded sizes: decode/prefill split, lengths,
-    contexts, block tables."""
-    cache = rng.standard_normal(spec.physical_kv_cache_shape(num_blocks)).astype(
-        NUMPY_DTYPES["bfloat16"])
-    query = rng.standard_normal((num_tokens, spec.num_heads, spec.head_size)).astype(
-        NUMPY_DTYPES["bfloat16"])
-    for query_lens, seq_lens, decode_query_len in shapes:
-        table = np.full((num_reqs, max_blocks), -1, np.int32)
-        pages = rng.permutation(num_blocks)
-        needed = -(-np.asarray(seq_lens) // spec.block_size)
-        for r, n in enumerate(needed):
-            table[r, :n] = pages[needed[:r].sum():needed[:r].sum() + n]
-        md = interop.build_metadata(query_lens, seq_lens, table, num_tokens=num_tokens,
-                                    decode_query_len=decode_query_len, num_blocks=num_blocks)
-        topk = make_topk(md, spec.num_kv_heads, spec.topk_blocks, rng, scatter=True)
-        yield query, cache, topk, md
-
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_no_recompile_across_batches(rng, impl):
@@ -367,7 +268,7 @@ def _read_slots(cache, spec, slots):
     ("auto", "none"), ("float16", "none"),
     *[(c, m) for c in ("fp8_e4m3", "fp8_e5m2") for m in ("none", "scalar", "per_slot")]])
 def test_write_kv_round_trip(rng, layout, cache, scale_mode):
-    problem = _problem(rng, cache, layout, num_tokens=44, scale_mode=scale_mode)
+    problem = _problem(rng, cache, layout, scale_mode=scale_mode)
     spec, md = problem.spec, problem.metadata
     before = np.asarray(problem.kv_cache, np.float32)
     k_scale, v_scale = _scales(problem)
@@ -417,7 +318,7 @@ def test_write_kv_fp8_saturates(rng, cache, scale_mode):
 
 def test_write_kv_then_attention(rng):
     """The kernels read what write_kv wrote (new tokens' K/V, FP8 with per-slot scales)."""
-    problem = _problem(rng, "fp8_e4m3", "HND", (16, 4), scale_mode="per_slot", scatter=True)
+    problem = _problem(rng, "fp8_e4m3", "NHD", (8, 2), scale_mode="per_slot", scatter=True)
     k_scale, v_scale = _scales(problem)
     cache = jax_sparse.write_kv(jnp.asarray(problem.kv_cache), jnp.asarray(problem.key),
                                 jnp.asarray(problem.value),

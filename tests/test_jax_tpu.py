@@ -14,8 +14,14 @@ from jax.experimental.pallas import tpu as pltpu  # noqa: E402
 import jax_sparse  # noqa: E402
 from jax_sparse.selection import key_mask, select_pages  # noqa: E402
 from jax_sparse.tpu import paged_sparse_attention_tpu, plan_tpu, sparse_attention_tpu  # noqa: E402
-from tests.test_jax_token import (MIXED_BATCHES, TOL, _check, _garbage_topk,  # noqa: E402
-                                   _problem, _reference, _run, _same_shape_batches, _scales)
+from tests.helpers import MIXED_BATCHES, TOL  # noqa: E402
+from tests.helpers import check as _check  # noqa: E402
+from tests.helpers import garbage_topk as _garbage_topk  # noqa: E402
+from tests.helpers import jax_run as _run  # noqa: E402
+from tests.helpers import jax_scales as _scales  # noqa: E402
+from tests.helpers import problem as _problem  # noqa: E402
+from tests.helpers import reference as _reference  # noqa: E402
+from tests.helpers import same_shape_batches as _same_shape_batches  # noqa: E402
 
 
 def _run_tpu(problem, **kw):

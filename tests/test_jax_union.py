@@ -5,7 +5,10 @@ import numpy as np
 import pytest
 
 import interop
-from interop.testing import make_topk, matching_query_dtype, random_problem, relative_error
+from interop.testing import matching_query_dtype, relative_error
+from tests.helpers import JAX_ROWS, TOL, row_id
+from tests.helpers import problem as _shared_problem
+from tests.helpers import reference as _reference
 
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
@@ -15,31 +18,14 @@ from jax_sparse import dispatch  # noqa: E402
 from jax_sparse.union import (paged_sparse_attention_union_capped, plan_union,  # noqa: E402
                               tile_tokens)
 
-TOL = 1e-2  # bf16/fp16 queries and P in the dot products; fp8 values are exact in bf16
-# A mixed decode-first batch padded to 40 tokens: 3 decodes, a 24-token chunk crossing a block
-# edge (positions 516..539), a 9-token request in its first block, then 4 padding tokens.
-# Tiles of 8 or 16 tokens straddle the decodes and both prefills.
-QUERY_LENS, SEQ_LENS = [1, 1, 1, 24, 9], [300, 129, 600, 540, 9]
-
 
 def _problem(rng, cache="auto", layout="NHD", heads=(8, 2), topk=8, scale_mode="none",
-             rho=None, query_lens=QUERY_LENS, seq_lens=SEQ_LENS, num_tokens=40):
-    spec = interop.SparseAttentionSpec(*heads, topk_blocks=topk, kv_cache_dtype=cache,
-                                       kv_cache_layout=layout)
-    problem = random_problem(spec, query_lens, seq_lens, rng, num_tokens=num_tokens,
-                             query_dtype=matching_query_dtype(cache), scale_mode=scale_mode,
-                             scatter=True, future_fraction=0.4, empty_fraction=0.1)
-    if rho is not None:
-        problem.topk_indices = make_topk(problem.metadata, spec.num_kv_heads, topk, rng,
-                                         rho=rho, scatter=True, future_fraction=0.4,
-                                         empty_fraction=0.1)
-    return problem
-
-
-def _reference(problem):
-    return interop.reference_attention(problem.spec, problem.query, problem.kv_cache,
-                                       problem.topk_indices, problem.metadata, problem.k_scale,
-                                       problem.v_scale)
+             rho=None, query_lens=None, seq_lens=None, num_tokens=None):
+    """The shared mixed batch (tests/helpers.py: 40 tokens; tiles of 8 or 16 tokens straddle
+    the decodes and both prefills) with a messy selection, uniform or correlated (rho)."""
+    return _shared_problem(rng, cache, layout, heads, topk, scale_mode=scale_mode, rho=rho,
+                           query_lens=query_lens, seq_lens=seq_lens, num_tokens=num_tokens,
+                           scatter=True, future_fraction=0.4, empty_fraction=0.1)
 
 
 def _check(out, ref, label, rows=None):
@@ -76,14 +62,18 @@ def _run(problem, algorithm):
 
 # --- every path against the reference --------------------------------------------------------
 
-CASES = [("auto", "NHD", (8, 2), "none", None), ("float16", "HND", (16, 1), "none", 0.87),
-         ("fp8_e4m3", "NHD", (16, 1), "per_slot", None),
-         ("fp8_e5m2", "HND", (8, 2), "scalar", 0.87)]
+# The union path with one spec of JAX_ROWS for every cache dtype x layout (uniform and
+# correlated selections taking turns); k2q through the front end with two of them (its launcher
+# runs every cache dtype x layout in tests/test_jax_k2q.py).
+ROWS = {}
+for row in JAX_ROWS:
+    ROWS.setdefault(row[:2], row)
+PATHS = ([("union", *ROWS[key][:4], (None, 0.87)[i % 2]) for i, key in enumerate(ROWS)]
+         + [("k2q", *JAX_ROWS[1][:4], 0.87), ("k2q", *JAX_ROWS[4][:4], None)])
 
 
-@pytest.mark.parametrize("algorithm", ["union", "k2q"])
-@pytest.mark.parametrize("cache, layout, heads, scale_mode, rho", CASES,
-                         ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else str(v))
+@pytest.mark.parametrize("algorithm, cache, layout, heads, scale_mode, rho", PATHS,
+                         ids=[row_id(p) for p in PATHS])
 def test_forced_paths_match_reference(rng, algorithm, cache, layout, heads, scale_mode, rho):
     problem = _problem(rng, cache, layout, heads, scale_mode=scale_mode, rho=rho)
     _check(_run(problem, algorithm), _reference(problem),
@@ -221,7 +211,7 @@ def test_plan_union_matches_numpy(rng):
 
 def test_no_recompile_across_batches_union(rng):
     """The decode count is traced: batches with other decode/prefill splits reuse the code."""
-    from tests.test_jax_token import MIXED_BATCHES, _same_shape_batches
+    from tests.helpers import MIXED_BATCHES, same_shape_batches as _same_shape_batches
     spec = interop.SparseAttentionSpec(8, 2, topk_blocks=4)
     traces = []
 
