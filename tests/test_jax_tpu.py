@@ -54,7 +54,10 @@ def test_tpu_parity_mixed_batch(rng, cache, layout, heads, scale_mode):
     label = f"tpu {cache} {layout} {heads} {scale_mode}"
     out = _run(problem, "tpu")
     _check(out, _reference(problem), label)
-    for impl in ("pallas", "xla"):
+    # XLA (an independent gather) on every case; the Pallas Triton-backend kernel, interpreted
+    # at a few seconds a case, on the M3-headed one (each is checked against the float64
+    # reference on every cache dtype and layout in tests/test_jax_token.py).
+    for impl in ("pallas", "xla") if heads == (64, 4) else ("xla",):
         other = np.asarray(_run(problem, impl), np.float64)
         err = relative_error(np.asarray(out, np.float64), other)
         assert err < TOL, f"{label}: differs from {impl} by {err:.3g}"

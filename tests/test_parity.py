@@ -32,31 +32,35 @@ def _check(problem, writer, device, label, prefill_algorithm="auto", reference=N
     assert np.isfinite(res.torch_out[:rows]).all() and np.isfinite(res.jax_out[:rows]).all()
 
 
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
-@pytest.mark.parametrize("cache", CACHE)
-@pytest.mark.parametrize("writer", ["torch", "jax"])
-def test_parity_cpu(rng, writer, cache, layout):
-    spec = interop.SparseAttentionSpec(8, 2, topk_blocks=4, kv_cache_dtype=cache,
+# Every cache dtype in both layouts once, the writer, the GQA group, speculative decodes and the
+# FP8 scale modes taking turns. (writer, cache, layout, scale_mode, heads, decode_query_len)
+CPU_CASES = [
+    ("torch", "auto", "NHD", "none", (8, 2), 1),
+    ("jax", "auto", "HND", "none", (16, 1), 2),
+    ("jax", "float16", "NHD", "none", (16, 1), 1),
+    ("torch", "float16", "HND", "none", (8, 2), 2),
+    ("torch", "fp8_e4m3", "NHD", "scalar", (8, 2), 2),
+    ("jax", "fp8_e4m3", "HND", "per_slot", (16, 1), 1),
+    ("jax", "fp8_e5m2", "NHD", "per_slot", (8, 2), 2),
+    ("torch", "fp8_e5m2", "HND", "scalar", (16, 1), 1),
+]
+
+
+@pytest.mark.parametrize("writer, cache, layout, scale_mode, heads, decode_query_len", CPU_CASES,
+                         ids=["-".join(str(v).replace(" ", "") for v in c) for c in CPU_CASES])
+def test_parity_cpu(rng, writer, cache, layout, scale_mode, heads, decode_query_len):
+    spec = interop.SparseAttentionSpec(*heads, topk_blocks=4, kv_cache_dtype=cache,
                                        kv_cache_layout=layout)
-    problem = random_problem(spec, [1, 1, 9, 5], [300, 129, 209, 5], rng,
-                             query_dtype=matching_query_dtype(cache), scatter=True,
-                             future_fraction=0.3, empty_fraction=0.05)
-    _check(problem, writer, "cpu", f"{writer} {cache} {layout}")
+    L = decode_query_len
+    problem = random_problem(spec, [L, L, 9, 5], [300, 128 + L, 209, 5], rng,
+                             decode_query_len=L, query_dtype=matching_query_dtype(cache),
+                             scale_mode=scale_mode, scatter=True, future_fraction=0.3,
+                             empty_fraction=0.05)
+    _check(problem, writer, "cpu", f"{writer} {cache} {layout} {scale_mode} {heads} L={L}")
 
 
-@pytest.mark.parametrize("scale_mode", ["scalar", "per_slot"])
-@pytest.mark.parametrize("writer", ["torch", "jax"])
-def test_parity_cpu_fp8_scales(rng, writer, scale_mode):
-    spec = interop.SparseAttentionSpec(16, 1, topk_blocks=4, kv_cache_dtype="fp8_e4m3",
-                                       kv_cache_layout="HND")
-    problem = random_problem(spec, [2, 2, 7], [260, 2, 140], rng, decode_query_len=2,
-                             scale_mode=scale_mode)
-    _check(problem, writer, "cpu", f"{writer} fp8 {scale_mode}")
-
-
-@pytest.mark.parametrize("algorithm", ["union", "k2q"])
-@pytest.mark.parametrize("cache, layout, writer", [("auto", "HND", "torch"),
-                                                   ("fp8_e4m3", "NHD", "jax")])
+@pytest.mark.parametrize("algorithm, cache, layout, writer", [
+    ("union", "auto", "HND", "torch"), ("k2q", "fp8_e4m3", "NHD", "jax")])
 def test_parity_cpu_prefill_algorithms(rng, algorithm, cache, layout, writer):
     """The union and key-to-query paths of both front ends on one cache, correlated and
     scattered rows, tiles that straddle requests."""
@@ -179,9 +183,12 @@ def test_parity_gpu_prefill_algorithms(rng, cache, scale_mode, layout):
 
 
 @pytest.mark.parametrize("argv", [
-    [],  # the README's bare command: CPU defaults
-    ["--writer", "jax", "--layout", "HND", "--cache-dtype", "fp8_e5m2", "--scale", "per_slot",
-     "--decode-query-len", "2", "--prefills", "20:130", "--iters", "1"],
+    # The README's bare command (CPU defaults: a 66-token batch, interpreted 4 times a front
+    # end): in the `slow` run.
+    pytest.param([], marks=pytest.mark.slow, id="readme-defaults"),
+    pytest.param(["--writer", "jax", "--layout", "HND", "--cache-dtype", "fp8_e5m2", "--scale",
+                  "per_slot", "--heads", "8/2", "--decodes", "1", "--decode-query-len", "2",
+                  "--prefills", "9:130", "--iters", "1"], id="options"),
 ])
 def test_demo_cli(capsys, argv):
     from examples.demo import main
