@@ -211,9 +211,22 @@ def _sparse_attention_kernel(q_ref, topk_ref, token_to_req_ref, positions_ref, b
         # The whole top-k row, read once: which entries repeat an earlier one (they count
         # once: the first occurrence is attended). Padded to a power of two for the vector
         # ops; the padding columns repeat the last entry and come after every real column.
+        # Up to 32 columns (M3: 16) the answer is one int32 of bits, so the loop below reads
+        # its column with scalar shifts instead of a vector reduction per block.
         topk = topk_ref.shape[-1]
-        cols = jnp.arange(pl.next_power_of_2(topk), dtype=jnp.int32)
-        first = jnp.where(first_in_row(topk_ref[head, token, jnp.minimum(cols, topk - 1)]), 1, 0)
+        width = pl.next_power_of_2(topk)
+        cols = jnp.arange(width, dtype=jnp.int32)
+        first = first_in_row(topk_ref[head, token, jnp.minimum(cols, topk - 1)])
+        if width <= 32:
+            bits = jnp.sum(jnp.where(first, jnp.left_shift(jnp.int32(1), cols), 0))
+
+            def is_first(column):
+                return (jnp.right_shift(bits, jnp.minimum(column, width - 1)) & 1) > 0
+        else:
+            first = jnp.where(first, 1, 0)
+
+            def is_first(column):
+                return jnp.where(cols == column, first, 0).max() > 0
 
         def body(i, carry):
             carry, attended = carry
@@ -222,7 +235,7 @@ def _sparse_attention_kernel(q_ref, topk_ref, token_to_req_ref, positions_ref, b
             valid, block, page = select_pages(
                 entry, position, lambda b: block_table_ref[req, b], block_size=block_size,
                 max_blocks=max_blocks, num_blocks=num_blocks)
-            valid = valid & (jnp.where(cols == column, first, 0).max() > 0)
+            valid = valid & is_first(column)
             mask = key_mask(valid, block, position, block_size)
             carry = attend(carry, page=page, load_mask=mask, mask=mask[None, :])
             return carry, attended + valid.astype(jnp.int32)
