@@ -1,7 +1,7 @@
 """The lightning indexer in JAX (contract, section 6): index-key cache writes, block scores and
 the top-k selection that sparse attention takes.
 
-Two implementations of the scores, one selection:
+Three implementations of the scores, one selection:
 - "xla": plain `jax.numpy`. Each token gathers its request's visible pages and takes, per
   index head and block, the largest dot product over the block's keys j <= position
   (`lax.map` over tokens in chunks, so only `token_chunk` tokens' pages are alive at once).
@@ -12,6 +12,8 @@ Two implementations of the scores, one selection:
   token) come from `plan_index_tiles` (XLA, static shapes), so one launch serves a mixed
   decode-first batch. Small grids (decode) split each tile's blocks over programs
   (`index_num_splits`). Workspace: the scores, float32 [heads, num_tokens, max_blocks].
+- "tpu": the Pallas TPU kernel of `indexer_tpu.py` (interpret mode off a TPU), on the same
+  tile plan: one program per tile, its pages DMA'd from HBM through a VMEM ring.
 Selection (`select_topk`, XLA): each visible block's 32-bit priority key
 (`interop.indexer.priority_keys`: forced init, forced local, score, NaN) and `lax.top_k`, whose
 lower-index-first rule among equal keys is the contract's tie rule: exact on every backend.
@@ -34,12 +36,15 @@ from interop.indexer import (MAGNITUDE_MASK, PRIORITY_HIDDEN, PRIORITY_INIT, PRI
 from interop.tiling import (MIN_ROWS, cdiv, index_max_tiles, index_num_splits,
                             index_tile_tokens, next_power_of_2)
 
-INDEX_IMPLEMENTATIONS = ("pallas", "xla")
+from .indexer_tpu import index_scores_tpu
+
+INDEX_IMPLEMENTATIONS = ("pallas", "tpu", "xla")
 
 
 def default_index_implementation() -> str:
-    """"pallas" on a GPU, "xla" elsewhere (the Pallas kernel interprets slowly on a CPU)."""
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    """"pallas" on a GPU, "tpu" on a TPU, "xla" elsewhere (the Pallas kernels interpret slowly
+    on a CPU)."""
+    return {"gpu": "pallas", "tpu": "tpu"}.get(jax.default_backend(), "xla")
 
 
 # ---------------------------------------------------------------- validation
@@ -318,6 +323,13 @@ def _index_topk(ispec, index_query, index_cache, token_to_req, token_positions, 
     if implementation == "xla":
         scores = index_scores_xla(ispec, index_query, index_cache,
                                   token_to_req[:num_tokens].astype(jnp.int32), positions, table)
+    elif implementation == "tpu":
+        tile_tokens = index_tile_tokens(ispec.num_index_heads)
+        tiles = plan_index_tiles(query_start_loc, index_max_tiles(num_tokens, table.shape[0],
+                                                                  tile_tokens), tile_tokens)
+        scores = index_scores_tpu(index_query, index_cache, positions, table,
+                                  query_start_loc.astype(jnp.int32), *tiles,
+                                  block_size=ispec.block_size, tile_tokens=tile_tokens)
     else:
         scores = index_scores_pallas(ispec, index_query, index_cache, positions, table,
                                      query_start_loc)
@@ -339,7 +351,7 @@ def index_topk(ispec: IndexerSpec, index_query, index_cache, metadata, *,
       index_cache: (num_blocks, block_size, index_head_size), the spec's storage dtype.
       metadata: JAX-flavour SparseMetadata (`interop.to_jax`): token_positions, token_to_req,
         block_table and query_start_loc are read (traced).
-      implementation: one of INDEX_IMPLEMENTATIONS ("pallas", "xla"); default:
+      implementation: one of INDEX_IMPLEMENTATIONS ("pallas", "tpu", "xla"); default:
         `default_index_implementation()`.
     Returns: int32 [num_index_heads, num_tokens, topk_blocks], the `topk_indices` of sparse
       attention: per row the min(topk_blocks, visible blocks) highest-priority blocks in

@@ -1,4 +1,4 @@
-"""jax_sparse.index_topk ("xla", and "pallas" in interpret mode on CPU) and write_index_k
+"""jax_sparse.index_topk ("xla", and "pallas" and "tpu" in interpret mode on CPU) and write_index_k
 against the float64 reference: exact rows (order and ties included) on small-integer data,
 near-ties only on normal data; mixed decode-first batches, speculative decode, padding tokens
 and requests, NaN in unvisited slots, FP8 caches, jit, donation, and bad inputs."""
@@ -15,7 +15,7 @@ jax = pytest.importorskip("jax")
 jnp = jax.numpy
 import jax_sparse  # noqa: E402
 
-IMPLS = ["xla", "pallas"]
+IMPLS = ["xla", "pallas", "tpu"]
 CACHE_DTYPES = [("auto", "bfloat16"), ("auto", "float16"), ("fp8_e4m3", "bfloat16")]
 
 
@@ -184,9 +184,72 @@ def test_pallas_scorer_lowers_for_cuda(heads, cache):
     assert "triton" in text.lower(), "no Triton kernel in the CUDA lowering"
 
 
+def test_tpu_garbage_table_entries_never_read(rng):
+    """Block-table entries past each request's visible blocks hold junk (negative, past the
+    cache): the TPU interpreter raises on any out-of-bounds DMA; a decode, a speculative
+    decode and a prefill in one batch, several tiles per request."""
+    from jax.experimental.pallas import tpu as pltpu
+    from jax_sparse.indexer import plan_index_tiles
+    from jax_sparse.indexer_tpu import index_scores_tpu
+    ispec = IndexerSpec(2, topk_blocks=3, init_blocks=1)
+    prob = random_index_problem(ispec, [1, 2, 40], [900, 300, 400], rng, decode_query_len=2,
+                                max_blocks=12)
+    md = prob.metadata
+    table = md.block_table
+    num_blocks = prob.index_cache.shape[0]
+    for r, seq_len in enumerate(md.seq_lens):
+        used = -(-int(seq_len) // ispec.block_size)
+        table[r, used:] = rng.choice([-7, num_blocks, 10**6], table.shape[1] - used)
+    ref, scores = interop.reference_index_topk(ispec, prob.index_query, prob.index_cache, md)
+    n, tile_tokens = md.num_tokens, 8
+    qsl = jnp.asarray(md.query_start_loc, jnp.int32)
+    tiles = plan_index_tiles(qsl, 9, tile_tokens)
+    got = index_scores_tpu(jnp.asarray(prob.index_query), jnp.asarray(prob.index_cache),
+                           jnp.asarray(md.token_positions[:n]), jnp.asarray(table), qsl, *tiles,
+                           block_size=ispec.block_size, tile_tokens=tile_tokens,
+                           pipeline_depth=3, interpret=pltpu.InterpretParams())
+    visible = np.isfinite(scores)
+    np.testing.assert_array_equal(np.asarray(got)[visible], scores[visible].astype(np.float32))
+    out = jax_sparse.index_topk(ispec, jnp.asarray(prob.index_query),
+                                jnp.asarray(prob.index_cache), interop.to_jax(md),
+                                implementation="tpu")
+    assert_topk_equal(np.asarray(out), ref, scores, "tpu, junk past the visible blocks")
+
+
+@pytest.mark.parametrize("heads, cache, query_dtype", [(4, "auto", "bfloat16"),
+                                                       (1, "fp8_e4m3", "bfloat16"),
+                                                       (4, "auto", "float16")])
+def test_tpu_scorer_lowers_for_tpu(heads, cache, query_dtype):
+    """The TPU scoring kernel lowers through Mosaic TPU (no TPU needed; Mosaic's own passes
+    run in the TPU compiler, which this does not reach)."""
+    from jax_sparse.indexer import plan_index_tiles
+    from jax_sparse.indexer_tpu import index_scores_tpu
+    ispec = IndexerSpec(heads, index_cache_dtype=cache)
+    sds, i32 = jax.ShapeDtypeStruct, jnp.int32
+    args = (sds((40, heads, 128), query_dtype),
+            sds(ispec.index_cache_shape(30), ispec.cache_storage_dtype(query_dtype)),
+            sds((40,), i32), sds((3, 20), i32), sds((4,), i32))
+    tile_tokens = 64 // heads
+
+    def call(q, cache, positions, table, qsl):
+        tiles = plan_index_tiles(qsl, 8, tile_tokens)
+        return index_scores_tpu(q, cache, positions, table, qsl, *tiles, block_size=128,
+                                tile_tokens=tile_tokens, interpret=False)
+
+    text = jax.jit(call).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+    assert "tpu_custom_call" in text, "no Mosaic kernel in the TPU lowering"
+
+
 def test_select_topk_ties_and_forced_blocks():
     """Equal scores everywhere: forced init, forced local, then the smaller blocks."""
     ispec = IndexerSpec(1, topk_blocks=6, init_blocks=1, local_blocks=2)
     scores = jnp.ones((1, 2, 40), jnp.float32).at[0, 1, 7].set(jnp.nan)
     out = jax_sparse.indexer.select_topk(ispec, scores, jnp.asarray([40, 9], jnp.int32))
     np.testing.assert_array_equal(np.asarray(out), [[[0, 38, 39, 1, 2, 3], [0, 7, 8, 1, 2, 3]]])
+
+
+@pytest.mark.parametrize("backend, expected", [("tpu", "tpu"), ("gpu", "pallas"),
+                                               ("cpu", "xla")])
+def test_default_index_implementation_per_platform(monkeypatch, backend, expected):
+    monkeypatch.setattr(jax_sparse.indexer.jax, "default_backend", lambda: backend)
+    assert jax_sparse.indexer.default_index_implementation() == expected, backend
