@@ -322,19 +322,21 @@ def merge_candidates(ispec: IndexerSpec, keys, blocks, nvis):
 
 
 def index_topk_pallas(ispec: IndexerSpec, index_query, index_cache, token_positions,
-                      block_table, query_start_loc, *, num_warps: int = 4,
-                      num_stages: int = 2, interpret: bool | None = None):
+                      block_table, query_start_loc, *, num_splits: int | None = None,
+                      num_warps: int = 4, num_stages: int = 2,
+                      interpret: bool | None = None):
     """The selection of `index_topk` from the fused Pallas kernel (Triton backend): per tile of
     `tile_tokens` tokens x padded index heads (one [rows, D] x [D, block_size] dot per page,
     f32 accumulation) and per split of its blocks, a running top-k of next_power_of_2(topk)
     candidates per row kept in registers; `merge_candidates` (XLA) orders the splits' lists.
-    HBM workspace: keys and blocks int32 [splits, (num_tokens + tile_tokens) * heads, slots]."""
+    HBM workspace: keys and blocks int32 [splits, (num_tokens + tile_tokens) * heads, slots].
+    num_splits: block ranges per tile; None: `index_num_splits` of the grid and table."""
     num_tokens, heads, dim = index_query.shape
     num_reqs, max_blocks = block_table.shape
     heads_p = next_power_of_2(heads)
     tile_tokens = index_tile_tokens(heads)   # rows = tile_tokens * heads_p >= 64
     num_tiles = index_max_tiles(num_tokens, num_reqs, tile_tokens)
-    splits = index_num_splits(num_tiles, max_blocks)
+    splits = num_splits or index_num_splits(num_tiles, max_blocks)
     slots = next_power_of_2(ispec.topk_blocks)
     tile_req, tile_start = plan_index_tiles(query_start_loc, num_tiles, tile_tokens)
     # Rows (token, padded head), token-major; every tile may touch tile_tokens tokens past its

@@ -80,7 +80,9 @@ def test_ties_across_blocks_and_splits(rng, implementation):
     """Block scores in {0, 1, 2} (mostly 2): rows of 40-50 visible blocks where far more
     blocks tie than the top-k holds; the smaller blocks must win every tie, also when a decode
     row's blocks are split over programs and their candidate lists merged."""
-    ispec = IndexerSpec(2, topk_blocks=5, init_blocks=1, local_blocks=1)
+    # topk 8 fills the kernels' candidate lists exactly and no forced local block comes last:
+    # neither a spare slot nor a late eviction can hide a wrong tie break.
+    ispec = IndexerSpec(2, topk_blocks=8, init_blocks=1, local_blocks=0)
     prob = random_index_problem(ispec, [1, 1, 3], [5000, 6300, 5100], rng)
     prob.index_query[...] = 0
     prob.index_query[..., 0] = 1
@@ -90,6 +92,14 @@ def test_ties_across_blocks_and_splits(rng, implementation):
     out, ref, scores = _run(prob, implementation)
     assert (np.sum(scores[..., 1:-1] == 2, axis=-1) > 10).all()  # many ties per row
     assert_topk_equal(out, ref, scores, f"{implementation} ties")
+    if implementation == "pallas":  # 1 and 3 splits: 13-50 blocks per running top-k of 8
+        md = interop.to_jax(prob.metadata)
+        n = prob.metadata.num_tokens
+        for splits in (1, 3):
+            out = jax_sparse.indexer.index_topk_pallas(
+                ispec, jnp.asarray(prob.index_query), jnp.asarray(prob.index_cache),
+                md.token_positions[:n], md.block_table, md.query_start_loc, num_splits=splits)
+            assert_topk_equal(np.asarray(out), ref, scores, f"pallas ties, {splits} splits")
 
 
 def test_under_jit_with_traced_metadata(rng):
