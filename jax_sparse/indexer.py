@@ -9,8 +9,8 @@ Three implementations, one priority order:
   program takes one tile of a request's tokens (`index_tile_tokens`: 64 rows of (token, index
   head), heads padded to a power of two) and a range of its visible blocks: per index-key page
   one [rows, D] x [D, block_size] dot (f32 accumulation) for every head and token, masked to
-  keys j <= position and max-reduced, then each row's running top-k of
-  next_power_of_2(topk_blocks) (priority key, block) candidates, kept in registers: no score
+  keys j <= position and max-reduced, then each row's running top-k of (priority key, block)
+  candidates (`index_split_slots`), kept in registers: no score
   matrix is written. Tiles never straddle requests; their (request, first token) come from
   `plan_index_tiles` (XLA, static shapes), so one launch serves a mixed decode-first batch.
   Small grids (decode) split each tile's blocks over programs (`index_num_splits`); XLA sorts
@@ -36,7 +36,7 @@ from interop import FP8_MAX, QUERY_DTYPES
 from interop.arrays import is_torch_tensor
 from interop.indexer import (MAGNITUDE_MASK, PRIORITY_HIDDEN, PRIORITY_INIT, PRIORITY_LOCAL,
                              PRIORITY_NAN, IndexerSpec)
-from interop.tiling import (MIN_ROWS, cdiv, index_max_tiles, index_num_splits,
+from interop.tiling import (index_max_tiles, index_num_splits, index_split_slots,
                             index_tile_tokens, next_power_of_2)
 
 from .indexer_tpu import index_scores_tpu
@@ -327,7 +327,7 @@ def index_topk_pallas(ispec: IndexerSpec, index_query, index_cache, token_positi
                       interpret: bool | None = None):
     """The selection of `index_topk` from the fused Pallas kernel (Triton backend): per tile of
     `tile_tokens` tokens x padded index heads (one [rows, D] x [D, block_size] dot per page,
-    f32 accumulation) and per split of its blocks, a running top-k of next_power_of_2(topk)
+    f32 accumulation) and per split of its blocks, a running top-k of `index_split_slots`
     candidates per row kept in registers; `merge_candidates` (XLA) orders the splits' lists.
     HBM workspace: keys and blocks int32 [splits, (num_tokens + tile_tokens) * heads, slots].
     num_splits: block ranges per tile; None: `index_num_splits` of the grid and table."""
@@ -337,7 +337,7 @@ def index_topk_pallas(ispec: IndexerSpec, index_query, index_cache, token_positi
     tile_tokens = index_tile_tokens(heads)   # rows = tile_tokens * heads_p >= 64
     num_tiles = index_max_tiles(num_tokens, num_reqs, tile_tokens)
     splits = num_splits or index_num_splits(num_tiles, max_blocks)
-    slots = next_power_of_2(ispec.topk_blocks)
+    slots = index_split_slots(ispec.topk_blocks, max_blocks, splits)
     tile_req, tile_start = plan_index_tiles(query_start_loc, num_tiles, tile_tokens)
     # Rows (token, padded head), token-major; every tile may touch tile_tokens tokens past its
     # start, so the token axis is padded by that many.

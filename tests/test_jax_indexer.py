@@ -102,6 +102,19 @@ def test_ties_across_blocks_and_splits(rng, implementation):
             assert_topk_equal(np.asarray(out), ref, scores, f"pallas ties, {splits} splits")
 
 
+@pytest.mark.parametrize("implementation", ["pallas"])
+def test_split_ranges_keep_fewer_slots_than_the_topk(rng, implementation):
+    """Decode block ranges shorter than the top-k keep fewer candidates per split."""
+    ispec = IndexerSpec(4, topk_blocks=16)
+    prob = random_index_problem(ispec, [1, 1], [5000, 4000], rng)
+    max_blocks = prob.metadata.block_table.shape[1]
+    tiles = interop.tiling.index_max_tiles(2, 2, interop.tiling.index_tile_tokens(4))
+    splits = interop.tiling.index_num_splits(tiles, max_blocks)
+    assert 1 < interop.tiling.index_split_slots(16, max_blocks, splits) < 16
+    out, ref, scores = _run(prob, implementation)
+    assert_topk_equal(out, ref, scores, f"{implementation}, {splits} splits")
+
+
 def test_under_jit_with_traced_metadata(rng):
     ispec = IndexerSpec(2, topk_blocks=4)
     prob = random_index_problem(ispec, [1, 4], [600, 260], rng)
