@@ -115,6 +115,21 @@ def test_split_ranges_keep_fewer_slots_than_the_topk(rng, implementation):
     assert_topk_equal(out, ref, scores, f"{implementation}, {splits} splits")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, cache, query_lens, seq_lens", [
+    (4, "auto", [1] * 6 + [1024, 3000], [32768, 20000, 4096, 129, 700, 9, 9000, 3000]),
+    (1, "fp8_e4m3", [1] * 6 + [1024, 3000], [32768, 20000, 4096, 129, 700, 9, 9000, 3000]),
+    (4, "auto", [1], [32768]),        # batch 1: 128 block ranges of 2, then the merge
+])
+def test_gpu_pallas_m3_shapes(rng, heads, cache, query_lens, seq_lens):
+    """The compiled fused kernel at M3's shapes: decodes up to 32k tokens of context beside
+    prefills of 1k and 3k tokens."""
+    ispec = IndexerSpec(heads, index_cache_dtype=cache)
+    prob = random_index_problem(ispec, query_lens, seq_lens, rng)
+    out, ref, scores = _run(prob, "pallas")
+    assert_topk_equal(out, ref, scores, f"gpu pallas heads {heads} {cache} {len(seq_lens)} reqs")
+
+
 def test_under_jit_with_traced_metadata(rng):
     ispec = IndexerSpec(2, topk_blocks=4)
     prob = random_index_problem(ispec, [1, 4], [600, 260], rng)
