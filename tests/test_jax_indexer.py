@@ -222,7 +222,7 @@ def test_index_topk_rejects(rng, change, error, words):
                               implementation=change.get("implementation", "xla"))
 
 
-@pytest.mark.parametrize("heads, cache", [(1, "fp8_e4m3")])
+@pytest.mark.parametrize("heads, cache", [(1, "fp8_e4m3"), (3, "auto")])
 def test_pallas_scorer_lowers_for_cuda(heads, cache):
     """The fused scoring + top-k kernel lowers through Pallas' Triton backend for CUDA (no GPU needed; an
     H200 ran the bf16 and FP8 kernels)."""
