@@ -26,8 +26,8 @@ group), stored with a dynamic index on the output's leading dimension only.
 
 Scores go to HBM ([num_tiles, max_blocks, rows] f32) and the XLA selection reads them: a
 running top-k in vregs (the torch kernel's design) needs a sort network Mosaic TPU would have
-to lower per block; the score buffer costs 4 B per (row, block) written and read once, 1/64 of
-the 256 B of index key (bf16, rows 64) each block's dot reads.
+to lower per block; the score buffer costs 4 B per (row, block), written once and read once,
+against the 32 KB page (512 B per row at rows 64) each block's dot reads: under 1% more traffic.
 
 VMEM per program (bf16, head 128, block 128, depth 4, rows = tile_tokens x heads = 64):
 key ring 4 x 32 KB = 128 KB (FP8: 64 KB, plus the 16-bit copy of the page in use, 32 KB);
@@ -41,7 +41,7 @@ Roofline estimate (no TPU measurement; v5e: 197 bf16 TFLOP/s, 820 GB/s HBM; v6e:
 FLOP/B, under both ridge points (v5e 240, v6e 560): HBM-bound, with 16 tokens x 4 heads per
 page. A 64k-token prefill (4 heads, every token scoring all its visible blocks) reads each
 request's pages once per 16-token tile: 4096 tiles x 256 pages on average x 32 KB = 34 GB,
-41 ms on v5e (21 ms on v6e); its useful work is 2 x 128 x 4 x 64k x 32k keys = 2.2 PFLOP,
+41 ms on v5e (21 ms on v6e); its useful work is 2 x 128 x 4 x 64k x 32k keys = 2.2 TFLOP,
 11 ms on v5e at the matmul peak, so larger tiles (rows 256: 4x fewer page reads) would move it
 towards compute-bound. Decode at 32k contexts, batch 256: 256 x 256 pages x 32 KB = 2.1 GB,
 2.6 ms on v5e (1.3 ms on v6e); batch 1 is one program reading 8 MB serially (10 us at peak
