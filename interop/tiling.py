@@ -133,11 +133,12 @@ class PrefillThresholds:
 # so the rows amortize the page read. Each row keeps a running top-k of next_power_of_2(topk)
 # slots. Grids of fewer than INDEX_TARGET_PROGRAMS tiles (decode batches) split each row's
 # visible blocks into up to INDEX_MAX_SPLITS ranges of at least INDEX_MIN_SPLIT_BLOCKS blocks,
-# whose partial top-ks a merge combines.
+# whose partial top-ks a merge combines (batch 1 at 32k tokens: 128 ranges of 2 blocks, one
+# per SM, so a step's latency is one program's two page reads, not four).
 INDEX_TILE_ROWS = 64
 INDEX_TARGET_PROGRAMS = 264  # two waves of an H100 / H200's 132 SMs
-INDEX_MAX_SPLITS = 64
-INDEX_MIN_SPLIT_BLOCKS = 4
+INDEX_MAX_SPLITS = 128
+INDEX_MIN_SPLIT_BLOCKS = 2
 
 
 def index_tile_tokens(num_index_heads: int, max_query_len: int | None = None) -> int:
@@ -163,6 +164,16 @@ def index_num_splits(num_tiles: int, max_blocks: int) -> int:
            and max_blocks >= splits * 2 * INDEX_MIN_SPLIT_BLOCKS):
         splits *= 2
     return splits
+
+
+def index_split_slots(topk_blocks: int, max_blocks: int, splits: int) -> int:
+    """Candidates a split keeps per row: next_power_of_2(topk_blocks), or fewer when no range
+    can hold that many blocks (a range keeps all its blocks then: nothing is evicted early),
+    so the merge reads splits x this many keys per row."""
+    slots = next_power_of_2(topk_blocks)
+    if splits == 1:
+        return slots
+    return min(slots, next_power_of_2(cdiv(max_blocks, splits)))
 
 
 def index_max_tiles(num_tokens: int, num_reqs: int, tile_tokens: int) -> int:

@@ -1,18 +1,23 @@
 """The lightning indexer in JAX (contract, section 6): index-key cache writes, block scores and
 the top-k selection that sparse attention takes.
 
-Two implementations of the scores, one selection:
+Three implementations, one priority order:
 - "xla": plain `jax.numpy`. Each token gathers its request's visible pages and takes, per
   index head and block, the largest dot product over the block's keys j <= position
   (`lax.map` over tokens in chunks, so only `token_chunk` tokens' pages are alive at once).
-- "pallas": a Pallas kernel (Triton backend on a GPU, interpret mode elsewhere). A program
-  scores one tile of a request's tokens (`index_tile_tokens`, at least 16 for the dot) against
-  a range of its visible blocks: it loads each index-key page once and dots it with the
-  tile's queries of every index head. Tiles never straddle requests; their (request, first
-  token) come from `plan_index_tiles` (XLA, static shapes), so one launch serves a mixed
-  decode-first batch. Small grids (decode) split each tile's blocks over programs
-  (`index_num_splits`). Workspace: the scores, float32 [heads, num_tokens, max_blocks].
-Selection (`select_topk`, XLA): each visible block's 32-bit priority key
+- "pallas": a fused Pallas kernel (Triton backend on a GPU, interpret mode elsewhere). A
+  program takes one tile of a request's tokens (`index_tile_tokens`: 64 rows of (token, index
+  head), heads padded to a power of two) and a range of its visible blocks: per index-key page
+  one [rows, D] x [D, block_size] dot (f32 accumulation) for every head and token, masked to
+  keys j <= position and max-reduced, then each row's running top-k of (priority key, block)
+  candidates (`index_split_slots`), kept in registers: no score
+  matrix is written. Tiles never straddle requests; their (request, first token) come from
+  `plan_index_tiles` (XLA, static shapes), so one launch serves a mixed decode-first batch.
+  Small grids (decode) split each tile's blocks over programs (`index_num_splits`); XLA sorts
+  the splits' candidates (`merge_candidates`).
+- "tpu": the Pallas TPU kernel of `indexer_tpu.py` (interpret mode off a TPU), on the same
+  tile plan: one program per tile, its pages DMA'd from HBM through a VMEM ring.
+Selection of "xla" and "tpu" (`select_topk`, XLA): each visible block's 32-bit priority key
 (`interop.indexer.priority_keys`: forced init, forced local, score, NaN) and `lax.top_k`, whose
 lower-index-first rule among equal keys is the contract's tie rule: exact on every backend.
 """
@@ -31,15 +36,18 @@ from interop import FP8_MAX, QUERY_DTYPES
 from interop.arrays import is_torch_tensor
 from interop.indexer import (MAGNITUDE_MASK, PRIORITY_HIDDEN, PRIORITY_INIT, PRIORITY_LOCAL,
                              PRIORITY_NAN, IndexerSpec)
-from interop.tiling import (MIN_ROWS, cdiv, index_max_tiles, index_num_splits,
+from interop.tiling import (index_max_tiles, index_num_splits, index_split_slots,
                             index_tile_tokens, next_power_of_2)
 
-INDEX_IMPLEMENTATIONS = ("pallas", "xla")
+from .indexer_tpu import index_scores_tpu
+
+INDEX_IMPLEMENTATIONS = ("pallas", "tpu", "xla")
 
 
 def default_index_implementation() -> str:
-    """"pallas" on a GPU, "xla" elsewhere (the Pallas kernel interprets slowly on a CPU)."""
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    """"pallas" on a GPU, "tpu" on a TPU, "xla" elsewhere (the Pallas kernels interpret slowly
+    on a CPU)."""
+    return {"gpu": "pallas", "tpu": "tpu"}.get(jax.default_backend(), "xla")
 
 
 # ---------------------------------------------------------------- validation
@@ -154,18 +162,23 @@ def visible_blocks(token_positions, block_size: int, max_blocks: int):
                      jnp.minimum(token_positions // block_size + 1, max_blocks), 0)
 
 
-def priority_keys(ispec: IndexerSpec, scores, nvis):
-    """`interop.indexer.priority_keys` in jnp: scores float32 [..., T, W] (NaN allowed), nvis
-    [T] -> int32 [..., T, W]."""
+def block_priority(ispec: IndexerSpec, scores, block, nvis):
+    """`interop.indexer.priority_keys` elementwise in jnp (also inside the Pallas kernel):
+    float32 scores (NaN allowed), block ids and visible counts, broadcast together -> int32."""
     bits = lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.int32)
     mag = bits & MAGNITUDE_MASK
     key = jnp.where((bits >= 0) | (mag == 0), mag, -1 - mag)
-    key = jnp.where(jnp.isnan(scores), PRIORITY_NAN, key)
-    block = jnp.arange(scores.shape[-1], dtype=jnp.int32)
-    n = nvis[:, None]
-    key = jnp.where(block >= n - ispec.local_blocks, PRIORITY_LOCAL, key)
+    key = jnp.where(scores != scores, PRIORITY_NAN, key)
+    key = jnp.where(block >= nvis - ispec.local_blocks, PRIORITY_LOCAL, key)
     key = jnp.where(block < ispec.init_blocks, PRIORITY_INIT, key)
-    return jnp.where(block < n, key, PRIORITY_HIDDEN)
+    return jnp.where(block < nvis, key, PRIORITY_HIDDEN)
+
+
+def priority_keys(ispec: IndexerSpec, scores, nvis):
+    """`interop.indexer.priority_keys` in jnp: scores float32 [..., T, W] (NaN allowed), nvis
+    [T] -> int32 [..., T, W]."""
+    block = jnp.arange(scores.shape[-1], dtype=jnp.int32)
+    return block_priority(ispec, scores, block, nvis[:, None])
 
 
 def select_topk(ispec: IndexerSpec, scores, nvis):
@@ -210,7 +223,7 @@ def index_scores_xla(ispec: IndexerSpec, index_query, index_cache, token_to_req,
     return jnp.swapaxes(scores, 0, 1)
 
 
-# ---------------------------------------------------------------- "pallas" scores
+# ---------------------------------------------------------------- "pallas": fused scores + top-k
 
 def plan_index_tiles(query_start_loc, num_tiles: int, tile_tokens: int):
     """(tile_req, tile_start): int32 [num_tiles] each, the request and first token of every
@@ -226,86 +239,139 @@ def plan_index_tiles(query_start_loc, num_tiles: int, tile_tokens: int):
     return req, jnp.where(tile < ends[-1], start, qsl[req + 1])
 
 
-def _score_kernel(tile_req_ref, tile_start_ref, qsl_ref, pos_ref, table_ref, q_ref, cache_ref,
-                  out_ref, *, tile_tokens: int, heads: int, block_size: int, splits: int):
-    """One (tile, split) program: q_ref [T, H, D], cache_ref [num_blocks, bs, D] and
-    out_ref [H, T, max_blocks] whole; writes the scores of the tile's tokens for its blocks."""
+def _topk_kernel(tile_req_ref, tile_start_ref, qsl_ref, pos_ref, table_ref, q_ref, cache_ref,
+                 key_ref, block_ref, *, ispec: IndexerSpec, tile_tokens: int, heads: int,
+                 splits: int, slots: int):
+    """One (tile, split) program. q_ref [rows_total, D] and pos_ref [rows_total]: one row per
+    (token, padded index head), token-major; cache_ref [num_blocks, bs, D] whole; key_ref /
+    block_ref [splits, rows_total, slots]: the program's candidates for its tile's rows (every
+    row of a run tile is written, empty slots with PRIORITY_HIDDEN)."""
     tile, split = pl.program_id(0), pl.program_id(1)
-    num_blocks = cache_ref.shape[0]
+    num_blocks, block_size = cache_ref.shape[0], ispec.block_size
     max_blocks = table_ref.shape[1]
+    rows = tile_tokens * heads
     req = tile_req_ref[tile]
     start = tile_start_ref[tile]
     end = qsl_ref[req + 1]
 
     @pl.when(start < end)
     def _():
-        live = start + jnp.arange(tile_tokens, dtype=jnp.int32) < end        # [TT]
-        pos = plgpu.load(pos_ref.at[pl.ds(start, tile_tokens)], mask=live, other=-1)
+        r0 = start * heads
+        live = r0 + jnp.arange(rows, dtype=jnp.int32) < end * heads           # [rows]
+        pos = plgpu.load(pos_ref.at[pl.ds(r0, rows)], mask=live, other=-1)
         pos = jnp.where(live, pos, -1)
-        last = jnp.max(pos)
-        tile_blocks = jnp.where(last >= 0, jnp.minimum(last // block_size + 1, max_blocks), 0)
+        nvis = jnp.where(pos >= 0, jnp.minimum(pos // block_size + 1, max_blocks), 0)
+        tile_blocks = jnp.max(nvis)
         chunk = (tile_blocks + splits - 1) // splits
         lo = split * chunk
         hi = jnp.minimum(lo + chunk, tile_blocks)
-        dmask = jnp.broadcast_to(live[:, None], (tile_tokens, q_ref.shape[-1]))
-        # (A Python int index trips the interpreter's indexer: heads are int32 scalars.)
-        qs = [plgpu.load(q_ref.at[pl.ds(start, tile_tokens), jnp.int32(h), :], mask=dmask,
-                         other=jnp.zeros((), q_ref.dtype)) for h in range(heads)]
+        dim = q_ref.shape[-1]
+        q = plgpu.load(q_ref.at[pl.ds(r0, rows), :],
+                       mask=jnp.broadcast_to(live[:, None], (rows, dim)),
+                       other=jnp.zeros((), q_ref.dtype))
         offs = jnp.arange(block_size, dtype=jnp.int32)
+        last = jnp.max(pos)
 
         def body(b, carry):
+            keys, blocks = carry                                              # [rows, slots]
             page = table_ref[req, b]
             page_ok = (page >= 0) & (page < num_blocks)
             # Keys past the tile's last token are never read (they may hold anything).
-            rows = (b * block_size + offs <= last) & page_ok
+            key_ok = (b * block_size + offs <= last) & page_ok
             k = plgpu.load(cache_ref.at[jnp.where(page_ok, page, 0)],
-                           mask=jnp.broadcast_to(rows[:, None], (block_size, cache_ref.shape[-1])),
+                           mask=jnp.broadcast_to(key_ok[:, None], (block_size, dim)),
                            other=jnp.zeros((), cache_ref.dtype))
-            seen = b * block_size + offs[None, :] <= pos[:, None]            # [TT, bs]
-            for h in range(heads):
-                s = plgpu.dot(qs[h], k.astype(qs[h].dtype), trans_b=True)    # [TT, bs] f32
-                best = jnp.max(jnp.where(seen, s, -jnp.inf), axis=1)
-                bad = jnp.max(jnp.where(seen & (s != s), 1, 0), axis=1) > 0
-                best = jnp.where(bad | ~page_ok, jnp.nan, best)
-                plgpu.store(out_ref.at[jnp.int32(h), pl.ds(start, tile_tokens), b], best, mask=live)
-            return carry
+            s = plgpu.dot(q, k.astype(q.dtype), trans_b=True)                # [rows, bs] f32
+            seen = b * block_size + offs[None, :] <= pos[:, None]
+            best = jnp.max(jnp.where(seen, s, -jnp.inf), axis=1)
+            bad = jnp.max(jnp.where(seen & (s != s), 1, 0), axis=1) > 0
+            best = jnp.where(bad | ~page_ok, jnp.nan, best)
+            new = block_priority(ispec, best, b, nvis)                        # [rows]
+            # Blocks arrive in ascending order: a new block displaces the row's worst entry
+            # (lowest key; among equal keys the larger block) only with a strictly higher
+            # key, so equal keys keep the smaller block, as the contract says.
+            worst = jnp.min(keys, axis=1)
+            at_worst = keys == worst[:, None]
+            worst_block = jnp.max(jnp.where(at_worst, blocks, -1 - slots), axis=1)
+            take = at_worst & (blocks == worst_block[:, None]) & (new > worst)[:, None]
+            return (jnp.where(take, new[:, None], keys), jnp.where(take, b, blocks))
 
-        lax.fori_loop(lo, hi, body, 0)
+        # Distinct negative block ids for the empty slots: each step replaces exactly one.
+        empty = (jnp.full((rows, slots), PRIORITY_HIDDEN, jnp.int32),
+                 jnp.broadcast_to(-1 - jnp.arange(slots, dtype=jnp.int32)[None, :],
+                                  (rows, slots)))
+        keys, blocks = lax.fori_loop(lo, hi, body, empty)
+        smask = jnp.broadcast_to(live[:, None], (rows, slots))
+        plgpu.store(key_ref.at[split, pl.ds(r0, rows), :], keys, mask=smask)
+        plgpu.store(block_ref.at[split, pl.ds(r0, rows), :], blocks, mask=smask)
 
 
-def index_scores_pallas(ispec: IndexerSpec, index_query, index_cache, token_positions,
-                        block_table, query_start_loc, *, num_warps: int = 4,
-                        num_stages: int = 2, interpret: bool | None = None):
-    """Same result as `index_scores_xla` (see there), from the Pallas scoring kernel."""
-    num_tokens, heads, _ = index_query.shape
+def merge_candidates(ispec: IndexerSpec, keys, blocks, nvis):
+    """The selection from candidate lists: keys / blocks int32 [H, T, C] (priority keys and
+    block ids in any order, PRIORITY_HIDDEN: empty), nvis [T] -> int32 [H, T, topk_blocks],
+    highest key first, equal keys by smaller block, -1 past the candidates and for padding."""
+    keys = jnp.where(nvis[:, None] > 0, keys, PRIORITY_HIDDEN)
+    k = ispec.topk_blocks
+    if keys.shape[-1] < k:
+        pad = ((0, 0), (0, 0), (0, k - keys.shape[-1]))
+        keys = jnp.pad(keys, pad, constant_values=PRIORITY_HIDDEN)
+        blocks = jnp.pad(blocks, pad, constant_values=-1)
+    # ~key reverses the int32 order without overflow: ascending (~key, block) is the contract's.
+    order_key, block = lax.sort((~keys, blocks), dimension=-1, num_keys=2)
+    return jnp.where(~order_key[..., :k] > PRIORITY_HIDDEN, block[..., :k], -1).astype(jnp.int32)
+
+
+def index_topk_pallas(ispec: IndexerSpec, index_query, index_cache, token_positions,
+                      block_table, query_start_loc, *, num_splits: int | None = None,
+                      num_warps: int = 4, num_stages: int = 2,
+                      interpret: bool | None = None):
+    """The selection of `index_topk` from the fused Pallas kernel (Triton backend): per tile of
+    `tile_tokens` tokens x padded index heads (one [rows, D] x [D, block_size] dot per page,
+    f32 accumulation) and per split of its blocks, a running top-k of `index_split_slots`
+    candidates per row kept in registers; `merge_candidates` (XLA) orders the splits' lists.
+    HBM workspace: keys and blocks int32 [splits, (num_tokens + tile_tokens) * heads, slots].
+    num_splits: block ranges per tile; None: `index_num_splits` of the grid and table."""
+    num_tokens, heads, dim = index_query.shape
     num_reqs, max_blocks = block_table.shape
-    tile_tokens = max(MIN_ROWS, index_tile_tokens(heads))
+    heads_p = next_power_of_2(heads)
+    tile_tokens = index_tile_tokens(heads)   # rows = tile_tokens * heads_p >= 64
     num_tiles = index_max_tiles(num_tokens, num_reqs, tile_tokens)
-    splits = index_num_splits(num_tiles, max_blocks)
+    splits = num_splits or index_num_splits(num_tiles, max_blocks)
+    slots = index_split_slots(ispec.topk_blocks, max_blocks, splits)
     tile_req, tile_start = plan_index_tiles(query_start_loc, num_tiles, tile_tokens)
-    # Every tile may load tile_tokens rows from its start: pad the token axis so none runs off.
-    q = jnp.pad(index_query, ((0, tile_tokens), (0, 0), (0, 0)))
+    # Rows (token, padded head), token-major; every tile may touch tile_tokens tokens past its
+    # start, so the token axis is padded by that many.
+    padded = num_tokens + tile_tokens
+    q = jnp.pad(index_query, ((0, tile_tokens), (0, heads_p - heads), (0, 0)))
     pos = jnp.pad(token_positions[:num_tokens].astype(jnp.int32), (0, tile_tokens),
                   constant_values=-1)
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
-    kernel = functools.partial(_score_kernel, tile_tokens=tile_tokens, heads=heads,
-                               block_size=ispec.block_size, splits=splits)
-    args = (tile_req, tile_start, query_start_loc.astype(jnp.int32), pos,
-            block_table.astype(jnp.int32), q, index_cache)
+    kernel = functools.partial(_topk_kernel, ispec=ispec, tile_tokens=tile_tokens,
+                               heads=heads_p, splits=splits, slots=slots)
+    args = (tile_req, tile_start, query_start_loc.astype(jnp.int32),
+            jnp.repeat(pos, heads_p), block_table.astype(jnp.int32),
+            q.reshape(padded * heads_p, dim), index_cache)
     whole = [pl.BlockSpec(x.shape, lambda *_, n=x.ndim: (0,) * n) for x in args]
-    out_shape = (heads, num_tokens + tile_tokens, max_blocks)
-    scores = pl.pallas_call(
+    out_shape = (splits, padded * heads_p, slots)
+    out_spec = pl.BlockSpec(out_shape, lambda *_: (0, 0, 0))
+    keys, blocks = pl.pallas_call(
         kernel,
         grid=(num_tiles, splits),
         in_specs=whole,
-        out_specs=pl.BlockSpec(out_shape, lambda *_: (0, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct(out_shape, jnp.float32),
+        out_specs=(out_spec, out_spec),
+        out_shape=(jax.ShapeDtypeStruct(out_shape, jnp.int32),) * 2,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
-        name=f"index_scores_tt{tile_tokens}_splits{splits}",
+        name=f"index_topk_tt{tile_tokens}_h{heads_p}_splits{splits}",
     )(*args)
-    return scores[:, :num_tokens]
+
+    def per_row(x):  # [splits, rows] -> [H, T, splits * slots]
+        x = x.reshape(splits, padded, heads_p, slots)[:, :num_tokens, :heads]
+        return jnp.transpose(x, (2, 1, 0, 3)).reshape(heads, num_tokens, splits * slots)
+
+    nvis = visible_blocks(token_positions[:num_tokens], ispec.block_size, max_blocks)
+    return merge_candidates(ispec, per_row(keys), per_row(blocks), nvis)
 
 
 # ---------------------------------------------------------------- the public call
@@ -315,12 +381,19 @@ def _index_topk(ispec, index_query, index_cache, token_to_req, token_positions, 
     num_tokens = index_query.shape[0]
     positions = token_positions[:num_tokens].astype(jnp.int32)
     table = block_table.astype(jnp.int32)
+    if implementation == "pallas":
+        return index_topk_pallas(ispec, index_query, index_cache, positions, table,
+                                 query_start_loc)
     if implementation == "xla":
         scores = index_scores_xla(ispec, index_query, index_cache,
                                   token_to_req[:num_tokens].astype(jnp.int32), positions, table)
-    else:
-        scores = index_scores_pallas(ispec, index_query, index_cache, positions, table,
-                                     query_start_loc)
+    elif implementation == "tpu":
+        tile_tokens = index_tile_tokens(ispec.num_index_heads)
+        tiles = plan_index_tiles(query_start_loc, index_max_tiles(num_tokens, table.shape[0],
+                                                                  tile_tokens), tile_tokens)
+        scores = index_scores_tpu(index_query, index_cache, positions, table,
+                                  query_start_loc.astype(jnp.int32), *tiles,
+                                  block_size=ispec.block_size, tile_tokens=tile_tokens)
     return select_topk(ispec, scores, visible_blocks(positions, ispec.block_size,
                                                      table.shape[1]))
 
@@ -339,7 +412,7 @@ def index_topk(ispec: IndexerSpec, index_query, index_cache, metadata, *,
       index_cache: (num_blocks, block_size, index_head_size), the spec's storage dtype.
       metadata: JAX-flavour SparseMetadata (`interop.to_jax`): token_positions, token_to_req,
         block_table and query_start_loc are read (traced).
-      implementation: one of INDEX_IMPLEMENTATIONS ("pallas", "xla"); default:
+      implementation: one of INDEX_IMPLEMENTATIONS ("pallas", "tpu", "xla"); default:
         `default_index_implementation()`.
     Returns: int32 [num_index_heads, num_tokens, topk_blocks], the `topk_indices` of sparse
       attention: per row the min(topk_blocks, visible blocks) highest-priority blocks in

@@ -200,7 +200,9 @@ def test_index_tiling():
     assert tiling.index_tile_tokens(3) == 16 and tiling.index_tile_tokens(4, 1) == 1
     assert tiling.index_tile_tokens(1, 3) == 4
     assert tiling.index_tile_rows(4, 1) == 16 and tiling.index_tile_rows(4, 16) == 64
-    assert tiling.index_num_splits(1, 256) == 64 and tiling.index_num_splits(256, 256) == 1
-    assert tiling.index_num_splits(1, 8) == 2 and tiling.index_num_splits(1, 3) == 1
+    assert tiling.index_num_splits(1, 257) == 128 and tiling.index_num_splits(256, 256) == 1
+    assert tiling.index_num_splits(1, 8) == 4 and tiling.index_num_splits(1, 3) == 1
+    assert tiling.index_split_slots(16, 257, 128) == 4 and tiling.index_split_slots(16, 9, 1) == 16
+    assert tiling.index_split_slots(16, 41, 8) == 8 and tiling.index_split_slots(4, 41, 8) == 4
     assert tiling.index_num_splits(16, 256) == 16
     assert tiling.index_max_tiles(100, 3, 16) == 10

@@ -241,6 +241,18 @@ def test_split_merge_workspace_is_used(rng, monkeypatch):
     np.testing.assert_array_equal(out1, out)
 
 
+def test_split_ranges_keep_fewer_slots_than_the_topk(rng):
+    """Decodes whose block ranges are shorter than the top-k keep fewer candidates per split
+    (`index_split_slots`); the merge still finds the reference's rows, ties included."""
+    ispec = IndexerSpec(4, topk_blocks=16)
+    prob = random_index_problem(ispec, [1, 1], [5000, 4000], rng)
+    max_blocks = prob.metadata.block_table.shape[1]
+    splits = interop.tiling.index_num_splits(2, max_blocks)
+    assert 1 < interop.tiling.index_split_slots(16, max_blocks, splits) < 16
+    out, ref, scores = _run(prob)
+    assert_topk_equal(out, ref, scores, f"{splits} splits")
+
+
 def _compile_index_kernels_for_sm90():
     """Compile the scoring kernel (unsplit with an FP8 cache, split with bf16) and the merge
     for sm_90; print one line per kernel."""
@@ -251,20 +263,21 @@ def _compile_index_kernels_for_sm90():
     ints = ("first_req first_token max_blocks num_blocks stride_qt stride_qh stride_cb "
             "stride_ct stride_tr stride_oh stride_ot stride_ps stride_ph stride_pt").split()
     target = GPUTarget("cuda", 90, 32)
-    for heads, tokens, cache, splits in ((1, 64, "fp8e4nv", 1), (4, 1, "bf16", 16)):
+    for heads, tokens, cache, splits, slots in ((1, 64, "fp8e4nv", 1, 16), (4, 1, "bf16", 16, 16),
+                                                (4, 1, "bf16", 128, 4)):
         signature = dict(q_ptr="*bf16", cache_ptr=f"*{cache}", table_ptr="*i32", qsl_ptr="*i32",
                          pos_ptr="*i32", out_ptr="*i32",
                          part_ptr="*i64" if splits > 1 else "*i32", **dict.fromkeys(ints, "i32"))
         constexprs = dict(HEADS=heads, HEADS_PAD=heads, TILE_TOKENS=tokens,
                           ROWS=max(16, tokens * heads), HEAD_SIZE=128, BLOCK_SIZE=128, TOPK=16,
-                          SLOTS=16, INIT_BLOCKS=0, LOCAL_BLOCKS=1, SPLITS=splits,
+                          SLOTS=slots, INIT_BLOCKS=0, LOCAL_BLOCKS=1, SPLITS=splits,
                           SPLIT_BLOCKS=1, DOT_DTYPE=tl.bfloat16, INTERPRETED=False)
         compiled = triton.compile(ASTSource(indexer._index_topk_kernel, signature, constexprs),
                                   target=target, options=dict(num_warps=4, num_stages=2))
         print("score", heads, tokens, cache, splits, compiled.metadata.num_warps)
     ints = "first_token stride_ps stride_ph stride_pt stride_oh stride_ot".split()
     signature = dict(part_ptr="*i64", out_ptr="*i32", **dict.fromkeys(ints, "i32"))
-    constexprs = dict(HEADS=4, HEADS_PAD=4, SPLITS=64, TOPK=16, SLOTS=16)
+    constexprs = dict(SPLITS=128, PART_SLOTS=4, TOPK=16, SLOTS=16)  # batch 1 at 32k tokens
     triton.compile(ASTSource(indexer._merge_kernel, signature, constexprs), target=target,
                    options=dict(num_warps=4))
     print("merge")
@@ -273,4 +286,4 @@ def _compile_index_kernels_for_sm90():
 def test_index_kernels_compile_for_sm90():
     """Compiled (not interpreted), in a child process: every kernel variant lowers for sm_90."""
     lines = run_without_interpreter("test_torch_indexer", "_compile_index_kernels_for_sm90")
-    assert len(lines) == 3 and lines[-1] == "merge", lines
+    assert len(lines) == 4 and lines[-1] == "merge", lines

@@ -19,10 +19,12 @@ the end a row is sorted by topk_blocks max-extractions and written as block ids 
 visible blocks).
 
 Splits (decode). A grid of few tiles (decode batches) splits each tile's blocks into
-`index_num_splits` ranges (from static shapes: a CUDA graph sees one grid); each range writes
-its partial top-k keys to a workspace, int64 [splits, heads, tokens, next_power_of_2(topk)]
-(64 splits x 4 heads x 16 slots = 32 KB per decode token), and `_merge_kernel` extracts the
-best topk_blocks of each row from the splits' keys. Prefill grids are large enough to run
+`index_num_splits` ranges (from static shapes: a CUDA graph sees one grid; batch 1 at 32k
+tokens: 128 ranges of 2 blocks, one program per SM); each range writes its partial top-k keys
+to a workspace, int64 [splits, heads, tokens, index_split_slots] (a range of at most n blocks
+keeps next_power_of_2(n) slots when that is fewer than the top-k's: 128 splits x 4 heads x 4
+slots = 16 KB per decode token), and `_merge_kernel`, one program per (token, head), extracts
+the best topk_blocks of the row from the splits' keys. Prefill grids are large enough to run
 unsplit: no workspace at all.
 
 Launches. Decode requests (tiles of their `decode_query_len` tokens) and prefill requests
@@ -41,8 +43,8 @@ import triton.language as tl
 from interop import FP8_MAX, QUERY_DTYPES
 from interop.indexer import (MAGNITUDE_MASK, PRIORITY_INIT, PRIORITY_LOCAL, PRIORITY_NAN,
                              IndexerSpec)
-from interop.tiling import (cdiv, index_num_splits, index_tile_rows, index_tile_tokens,
-                            next_power_of_2)
+from interop.tiling import (cdiv, index_num_splits, index_split_slots, index_tile_rows,
+                            index_tile_tokens, next_power_of_2)
 
 from .cache import _round_to_fp8_grid
 from .ops import _eager_or_op
@@ -131,8 +133,8 @@ def _index_topk_kernel(q_ptr, cache_ptr, table_ptr, qsl_ptr, pos_ptr, out_ptr, p
                        DOT_DTYPE: tl.constexpr, INTERPRETED: tl.constexpr):
     """Grid (tiles per request, requests, SPLITS): tile program_id(0) of request first_req +
     program_id(1), block range program_id(2). SPLITS == 1: writes the rows' top-k to out
-    [heads, tokens, topk]; else the partial keys to part [SPLITS, heads, tokens - first_token,
-    SLOTS]. SPLIT_BLOCKS: a static bound on a range's blocks (the interpreter's loop).
+    [heads, tokens, topk] (SLOTS = next_power_of_2(TOPK)); else the partial keys to part
+    [SPLITS, heads, tokens - first_token, SLOTS] (SLOTS = `index_split_slots`). SPLIT_BLOCKS: a static bound on a range's blocks (the interpreter's loop).
     INTERPRETED: the Triton interpreter runs the kernel (loop and NaN-max variants)."""
     req = first_req + tl.program_id(1)
     split = tl.program_id(2)
@@ -185,21 +187,18 @@ def _index_topk_kernel(q_ptr, cache_ptr, table_ptr, qsl_ptr, pos_ptr, out_ptr, p
 
 @triton.jit
 def _merge_kernel(part_ptr, out_ptr, first_token, stride_ps, stride_ph, stride_pt,
-                  stride_oh, stride_ot,
-                  HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, SPLITS: tl.constexpr,
+                  stride_oh, stride_ot, SPLITS: tl.constexpr, PART_SLOTS: tl.constexpr,
                   TOPK: tl.constexpr, SLOTS: tl.constexpr):
-    """Grid (tokens,): the top-k of token first_token + program_id(0), every head, from the
-    SPLITS partial top-ks in part [SPLITS, heads, tokens, SLOTS]."""
+    """Grid (tokens, heads): the top-k of token first_token + program_id(0), head
+    program_id(1), from the SPLITS partial top-ks in part [SPLITS, heads, tokens, PART_SLOTS]."""
     t = tl.program_id(0).to(tl.int64)
-    offs_h = tl.arange(0, HEADS_PAD)
-    offs_c = tl.arange(0, SPLITS * SLOTS)
-    keys = tl.load(part_ptr + (offs_c // SLOTS)[None, :] * stride_ps + offs_h[:, None] * stride_ph
-                   + t * stride_pt + (offs_c % SLOTS)[None, :],
-                   mask=(offs_h < HEADS)[:, None], other=_TAKEN)
+    h = tl.program_id(1)
+    offs_c = tl.arange(0, SPLITS * PART_SLOTS)
+    keys = tl.load(part_ptr + h * stride_ph + t * stride_pt
+                   + (offs_c // PART_SLOTS) * stride_ps + offs_c % PART_SLOTS)
     offs_k = tl.arange(0, SLOTS)
-    tl.store(out_ptr + offs_h[:, None] * stride_oh + (first_token + t) * stride_ot
-             + offs_k[None, :], _sorted_blocks(keys, TOPK, SLOTS),
-             mask=(offs_h < HEADS)[:, None] & (offs_k[None, :] < TOPK))
+    tl.store(out_ptr + h * stride_oh + (first_token + t) * stride_ot + offs_k[None, :],
+             _sorted_blocks(keys[None, :], TOPK, SLOTS), mask=offs_k[None, :] < TOPK)
 
 
 def _launch_requests(query, cache, block_table, query_start_loc, token_positions, out, *,
@@ -213,9 +212,10 @@ def _launch_requests(query, cache, block_table, query_start_loc, token_positions
     max_blocks = block_table.shape[1]
     slots = next_power_of_2(topk)
     splits = index_num_splits(num_reqs * tiles_per_req, max_blocks)
+    part_slots = index_split_slots(topk, max_blocks, splits)
     part = out
     if splits > 1:  # the workspace: partial keys of every split (module docstring)
-        part = torch.empty((splits, heads, num_tokens, slots), dtype=torch.int64,
+        part = torch.empty((splits, heads, num_tokens, part_slots), dtype=torch.int64,
                            device=query.device)
     _index_topk_kernel[(tiles_per_req, num_reqs, splits)](
         query, cache, block_table, query_start_loc, token_positions, out, part,
@@ -225,15 +225,15 @@ def _launch_requests(query, cache, block_table, query_start_loc, token_positions
         part.stride(0), part.stride(1), part.stride(2),
         HEADS=heads, HEADS_PAD=next_power_of_2(heads), TILE_TOKENS=tile_tokens,
         ROWS=index_tile_rows(heads, tile_tokens), HEAD_SIZE=head_size, BLOCK_SIZE=block_size,
-        TOPK=topk, SLOTS=slots, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
+        TOPK=topk, SLOTS=part_slots, INIT_BLOCKS=init_blocks, LOCAL_BLOCKS=local_blocks,
         SPLITS=splits, SPLIT_BLOCKS=1 if not INTERPRETED else cdiv(max_blocks, splits),
         DOT_DTYPE=dot_dtype(query.dtype, False),
         INTERPRETED=INTERPRETED, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
-        _merge_kernel[(num_tokens,)](
+        _merge_kernel[(num_tokens, heads)](
             part, out, first_token, part.stride(0), part.stride(1), part.stride(2),
-            out.stride(0), out.stride(1), HEADS=heads, HEADS_PAD=next_power_of_2(heads),
-            SPLITS=splits, TOPK=topk, SLOTS=slots, num_warps=NUM_WARPS)
+            out.stride(0), out.stride(1), SPLITS=splits, PART_SLOTS=part_slots, TOPK=topk,
+            SLOTS=slots, num_warps=NUM_WARPS)
 
 
 def launch_index_topk(query: torch.Tensor, cache: torch.Tensor, block_table: torch.Tensor,
