@@ -42,9 +42,10 @@ def test_tile_geometry(group, expected):
 
 def test_unsupported_reasons():
     spec = interop.SparseAttentionSpec(64, 4)
-    assert mosaic_union.unsupported_reason(spec, jnp.bfloat16) is None
-    assert mosaic_union.unsupported_reason(spec, jnp.float16) is None
-    assert "FP8" in mosaic_union.unsupported_reason(spec, jnp.float8_e4m3fn)
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn, jnp.float8_e5m2):
+        assert mosaic_union.unsupported_reason(spec, dtype) is None, dtype
+    assert "per-slot" in mosaic_union.unsupported_reason(spec, jnp.float8_e4m3fn,
+                                                         per_slot_scales=True)
     assert "GQA group of 128" in mosaic_union.unsupported_reason(
         interop.SparseAttentionSpec(128, 1), jnp.bfloat16)
 
@@ -53,6 +54,8 @@ def test_shared_memory_budget():
     assert mosaic_union.smem_bytes(mosaic_union.STAGES) <= mosaic.SMEM_BYTES
     assert mosaic_union.smem_bytes(mosaic_union.MAX_STAGES) <= mosaic.SMEM_BYTES
     assert mosaic_union.smem_bytes(mosaic_union.MAX_STAGES + 1) > mosaic.SMEM_BYTES
+    assert mosaic_union.smem_bytes(mosaic_union.MAX_STAGES_FP8, fp8=True) <= mosaic.SMEM_BYTES
+    assert mosaic_union.smem_bytes(mosaic_union.MAX_STAGES_FP8 + 1, fp8=True) > mosaic.SMEM_BYTES
     spec = interop.SparseAttentionSpec(64, 4, topk_blocks=16)
     sds, i32 = jax.ShapeDtypeStruct, jnp.int32
     args = (sds((16, 64, 128), jnp.bfloat16), sds(spec.physical_kv_cache_shape(8), jnp.bfloat16),
@@ -60,6 +63,15 @@ def test_shared_memory_budget():
     with pytest.raises(ValueError, match=r"num_stages 4 needs \d+ bytes of shared memory"):
         jax.eval_shape(lambda *a: mosaic_union.paged_sparse_attention_mosaic_union(
             spec, *a, num_stages=4), *args)
+    fp8 = interop.SparseAttentionSpec(64, 4, topk_blocks=16, kv_cache_dtype="fp8")
+    args8 = (args[0], sds(fp8.physical_kv_cache_shape(8), jnp.float8_e4m3fn), *args[2:])
+    with pytest.raises(ValueError, match=r"num_stages 3 needs \d+ bytes .* float8_e4m3fn"):
+        jax.eval_shape(lambda *a: mosaic_union.paged_sparse_attention_mosaic_union(
+            fp8, *a, num_stages=3), *args8)
+    per_slot = sds((4, 8 * 128), jnp.float32)
+    with pytest.raises(ValueError, match="per-slot k_scale"):
+        jax.eval_shape(lambda *a: mosaic_union.paged_sparse_attention_mosaic_union(
+            fp8, *a), *args8, per_slot, per_slot)
 
 
 @pytest.mark.parametrize("group", [16, 4, 24, 1])
@@ -171,7 +183,18 @@ def test_mosaic_prefill_path():
     assert path(spec, small, jnp.bfloat16, "union") == "union"
     assert path(spec, big, jnp.float16, "token") == "token"
     assert path(spec, big, jnp.bfloat16, "k2q") == "token"
-    assert path(spec, big, jnp.float8_e4m3fn, "union") == "token"  # FP8: the token kernel
+    assert path(spec, big, jnp.float8_e4m3fn, "union") == "union"
+    assert path(spec, big, jnp.float8_e5m2, "auto") == "capped"
+    # Per-slot FP8 scales: the token kernel.
+    per_slot = jnp.ones((4, 8 * 128), jnp.float32)
+    assert path(spec, big, jnp.float8_e4m3fn, "union", per_slot) == "token"
+    assert path(spec, big, jnp.float8_e4m3fn, "auto", jnp.ones((1,), jnp.float32)) == "capped"
+    assert dispatch.cache_class(jnp.float8_e5m2, per_slot) == "fp8-per-slot"
+    # FP8 (scalar or no scale) goes to the Mosaic union kernel under "pallas" too; per-slot
+    # scales stay on the Triton-backend union (HOPPER_AUTO).
+    assert not dispatch.hopper_union(spec, jnp.float8_e4m3fn, False, per_slot)
+    assert not dispatch.hopper_union(spec, jnp.float8_e4m3fn, True)  # interpreted
+    assert dispatch.hopper_union(spec, jnp.float8_e4m3fn, False) == mosaic.mosaic_available()
     assert path(interop.SparseAttentionSpec(128, 1), big, jnp.bfloat16, "union") == "token"
     with pytest.raises(ValueError, match="prefill_algorithm 'tiles' is unknown"):
         path(spec, big, jnp.bfloat16, "tiles")
@@ -209,30 +232,46 @@ def test_forced_mosaic_union_without_hopper_says_why(rng, algorithm):
         _run(problem, "mosaic", prefill_algorithm=algorithm)
 
 
+FP8_CACHES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+
+
 @needs_plgpu
-@pytest.mark.parametrize("heads, layout, dtype, stages, pingpong", [
-    ((64, 4), "NHD", "bfloat16", 2, True),
-    ((64, 4), "HND", "bfloat16", 2, True),
-    ((16, 1), "NHD", "float16", 2, True),
-    ((16, 1), "HND", "bfloat16", 3, True),
-    ((8, 2), "NHD", "bfloat16", 1, False),
-    ((48, 2), "HND", "float16", 2, False),
-    ((4, 4), "NHD", "bfloat16", 3, True),
-    ((128, 2), "HND", "bfloat16", 2, True),
+@pytest.mark.parametrize("heads, layout, dtype, cache, stages, pingpong, programs", [
+    ((64, 4), "NHD", "bfloat16", "auto", 2, True, None),
+    ((64, 4), "HND", "bfloat16", "auto", 2, True, None),
+    ((16, 1), "NHD", "float16", "auto", 2, True, None),
+    ((16, 1), "HND", "bfloat16", "auto", 3, True, None),
+    ((8, 2), "NHD", "bfloat16", "auto", 1, False, None),
+    ((48, 2), "HND", "float16", "auto", 2, False, None),
+    ((4, 4), "NHD", "bfloat16", "auto", 3, True, None),
+    ((128, 2), "HND", "bfloat16", "auto", 2, True, None),
+    ((64, 4), "NHD", "bfloat16", "auto", 2, True, 7),
+    ((16, 1), "HND", "bfloat16", "fp8_e4m3", 2, True, 132),
+    ((64, 4), "NHD", "bfloat16", "fp8_e4m3", 2, True, None),
+    ((64, 4), "HND", "bfloat16", "fp8_e4m3", 2, True, None),
+    ((64, 4), "NHD", "float16", "fp8_e5m2", 2, True, None),
+    ((64, 4), "HND", "bfloat16", "fp8_e5m2", 1, False, None),
+    ((16, 1), "NHD", "float16", "fp8_e4m3", 2, False, None),
+    ((48, 2), "HND", "bfloat16", "fp8_e5m2", 2, True, None),
 ], ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else str(v))
-def test_union_lowers_for_cuda(heads, layout, dtype, stages, pingpong):
+def test_union_lowers_for_cuda(heads, layout, dtype, cache, stages, pingpong, programs):
     """The real kernel (with its chunk plan and the aliased output) lowers through Pallas'
-    Mosaic GPU backend for CUDA, no GPU needed."""
-    spec = interop.SparseAttentionSpec(*heads, topk_blocks=16, kv_cache_dtype="auto",
+    Mosaic GPU backend for CUDA, no GPU needed: 16-bit and FP8 caches (scalar scales) in
+    both layouts, one program per item and persistent."""
+    spec = interop.SparseAttentionSpec(*heads, topk_blocks=16, kv_cache_dtype=cache,
                                        kv_cache_layout=layout)
     sds, i32 = jax.ShapeDtypeStruct, jnp.int32
+    cache_dtype = FP8_CACHES.get(cache, jnp.dtype(dtype))
     args = (sds((40, heads[0], 128), jnp.dtype(dtype)),
-            sds(spec.physical_kv_cache_shape(40), jnp.dtype(dtype)),
+            sds(spec.physical_kv_cache_shape(40), cache_dtype),
             sds((heads[1], 40, 16), i32), sds((40,), i32), sds((40,), i32), sds((2, 20), i32))
+    if cache in FP8_CACHES:
+        args += (sds((1,), jnp.float32),) * 2
 
     def call(*a):
         return mosaic_union.paged_sparse_attention_mosaic_union(
-            spec, *a, max_union=24, num_stages=stages, pingpong=pingpong, chunk_tokens=24)
+            spec, *a, max_union=24, num_stages=stages, pingpong=pingpong, programs=programs,
+            chunk_tokens=24)
 
     text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 1, "no Mosaic GPU kernel in the CUDA lowering"
