@@ -307,6 +307,57 @@ def test_gpu_union_mixed_batch_poisoned(rng, heads, layout):
 
 @pytest.mark.gpu
 @needs_hopper
+@pytest.mark.parametrize("cache, scale_mode, query_dtype", [
+    ("fp8_e4m3", "scalar", "bfloat16"), ("fp8_e4m3", "none", "float16"),
+    ("fp8_e5m2", "scalar", "float16"), ("fp8_e5m2", "none", "bfloat16")])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_gpu_union_fp8_poisoned(rng, cache, scale_mode, query_dtype, layout):
+    """FP8 pages dequantized by the producer: the mixed batch of
+    test_gpu_union_mixed_batch_poisoned (junk top-k and block tables, NaN in every slot no
+    token may attend: FP8 NaN too) at 64/4 and 16/1, scalar scales folded in."""
+    for heads in [(64, 4), (16, 1)]:
+        problem = _problem(rng, cache, layout, heads, topk=16,
+                           query_lens=[1] * 3 + [150, 61, 9], seq_lens=[9000, 129, 2000, 4400,
+                                                                        300, 9],
+                           num_tokens=240, scatter=True, future_fraction=0.2,
+                           empty_fraction=0.05, rho=0.87, scale_mode=scale_mode,
+                           query_dtype=query_dtype)
+        problem.topk_indices = _garbage_topk(problem, rng)
+        poisoned = dataclasses.replace(problem)
+        poison_unused_slots(poisoned)
+        table = problem.metadata.block_table.copy()
+        table[0, 0], table[3, 1] = problem.kv_cache.shape[0] + 5, -3
+        problem.metadata = problem.metadata.replace(block_table=table)
+        ref = _reference(problem)
+        problem.kv_cache = poisoned.kv_cache
+        label = f"mosaic union {cache} {scale_mode} {query_dtype} {layout} {heads}"
+        _check(_run(problem, "mosaic", prefill_algorithm="union"), ref, label)
+        spec, *args = _kernel_args(problem)  # the kernel alone, persistent
+        out, left = mosaic_union.paged_sparse_attention_mosaic_union(
+            spec, *args, token_mask=jnp.arange(problem.query.shape[0]) >= 3, programs=16)
+        prefill = np.arange(problem.query.shape[0]) >= 3
+        assert not np.asarray(left).any()
+        _check(np.asarray(out, np.float64)[prefill], ref[prefill], label + " persistent")
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_gpu_fp8_per_slot_routes_to_token_kernel(rng):
+    """Per-slot scales do not fold: "union" and "auto" run them on the token kernels, and
+    the answer is the reference's."""
+    n = interop.tiling.UNION_MIN_TOKENS
+    problem = _problem(rng, "fp8_e4m3", "NHD", (64, 4), topk=16, query_lens=[1, n - 1],
+                       seq_lens=[3000, n + 500], rho=0.87, scale_mode="per_slot")
+    reference = _device_reference(problem)
+    assert not dispatch.hopper_union(problem.spec, jnp.float8_e4m3fn, None,
+                                     jnp.asarray(problem.k_scale))
+    for impl, algorithm in [("mosaic", "union"), ("mosaic", "auto"), ("pallas", "auto")]:
+        _check(_run(problem, impl, prefill_algorithm=algorithm), reference,
+               f"{impl} {algorithm} FP8 per-slot")
+
+
+@pytest.mark.gpu
+@needs_hopper
 @pytest.mark.parametrize("cache", ["float16", "auto"])
 def test_gpu_union_nan_query_rows_and_empty_rows(rng, cache):
     """A NaN / Inf query row that attends a key gives NaN; one that attends nothing gives
@@ -328,11 +379,13 @@ def test_gpu_union_nan_query_rows_and_empty_rows(rng, cache):
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("stages, pingpong, chunk", [(1, True, None), (3, True, 40),
-                                                     (2, False, 24), (3, False, None)])
-def test_gpu_union_pipeline_and_chunks(rng, stages, pingpong, chunk):
-    """Ring depths 1-3, with and without ping-pong; chunks of 24 / 40 tokens (the last one
-    overlapping the one before); a cap leaving some tiles out (their rows keep `out`)."""
+@pytest.mark.parametrize("stages, pingpong, chunk, programs", [
+    (1, True, None, None), (3, True, 40, None), (2, False, 24, None), (3, False, None, None),
+    (2, True, None, 5), (1, True, 40, 3), (3, False, None, 132)])
+def test_gpu_union_pipeline_and_chunks(rng, stages, pingpong, chunk, programs):
+    """Ring depths 1-3, with and without ping-pong, one program per item or persistent;
+    chunks of 24 / 40 tokens (the last one overlapping the one before); a cap leaving some
+    tiles out (their rows keep `out`)."""
     problem = _problem(rng, "auto", "NHD", (16, 1), topk=16, query_lens=[1, 130, 70],
                        seq_lens=[5000, 3000, 900], scatter=True, future_fraction=0.2,
                        empty_fraction=0.05, rho=0.87)
@@ -342,29 +395,32 @@ def test_gpu_union_pipeline_and_chunks(rng, stages, pingpong, chunk):
     sentinel = jnp.full(problem.query.shape, 7.0, problem.query.dtype)
     out, left = mosaic_union.paged_sparse_attention_mosaic_union(
         spec, *args[:6], token_mask=mask, max_union=20, out=sentinel, num_stages=stages,
-        pingpong=pingpong, chunk_tokens=chunk)
+        pingpong=pingpong, programs=programs, chunk_tokens=chunk)
     out, left = np.asarray(out, np.float64), np.asarray(left)
     ref = _reference(problem)
     done = np.asarray(mask) & ~left
     assert left.any() and done.any(), "weak problem: no tile on each side of the cap"
     assert (out[~done] == 7.0).all(), "rows outside the kernel's tiles were written"
-    _check(out[done], ref[done], f"mosaic union stages={stages} pingpong={pingpong}")
+    _check(out[done], ref[done],
+           f"mosaic union stages={stages} pingpong={pingpong} programs={programs}")
 
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
-def test_gpu_auto_16k_against_device_reference(rng, layout):
+@pytest.mark.parametrize("layout, cache", [("NHD", "auto"), ("HND", "auto"),
+                                           ("HND", "fp8_e4m3")])
+def test_gpu_auto_16k_against_device_reference(rng, layout, cache):
     """"auto" at UNION_MIN_TOKENS tokens (decodes first): small-union tiles on the union
     kernel, the rest and the decodes on the token kernel."""
     n = interop.tiling.UNION_MIN_TOKENS
-    problem = _problem(rng, "auto", layout, (64, 4), topk=16, query_lens=[1] * 4 + [n - 4],
-                       seq_lens=[9000, 129, 2000, 300, n + 1000], rho=0.87)
+    problem = _problem(rng, cache, layout, (64, 4), topk=16, query_lens=[1] * 4 + [n - 4],
+                       seq_lens=[9000, 129, 2000, 300, n + 1000], rho=0.87,
+                       scale_mode="scalar" if cache != "auto" else "none")
     reference = _device_reference(problem)
     out = _run(problem, "mosaic", prefill_algorithm="auto")
-    _check(out, reference, f"mosaic auto 16k {layout}")
+    _check(out, reference, f"mosaic auto 16k {layout} {cache}")
     # The default implementation on Hopper: the Mosaic union kernel for small-union tiles,
     # the Triton-backend token kernel for the other rows (dispatch.hopper_union).
-    assert dispatch.hopper_union(problem.spec, jnp.bfloat16, None)
+    assert dispatch.hopper_union(problem.spec, problem.kv_cache.dtype, None)
     out = _run(problem, "pallas", prefill_algorithm="auto")
-    _check(out, reference, f"pallas auto 16k {layout} (Mosaic union tiles)")
+    _check(out, reference, f"pallas auto 16k {layout} {cache} (Mosaic union tiles)")
