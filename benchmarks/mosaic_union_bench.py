@@ -13,9 +13,10 @@ cache (--cache: or FP8 with scalar scales, as bench.py's FP8 rows), bf16 queries
 (token, query head) attends / time (`harness.Case.flops`), cold L2 (`harness.jax_cold_ms` /
 `torch_cold_ms`). Every path's output is first checked on sampled rows against the float64
 reference. Paths:
-- `mosaic:kernel` (`_s3`, `_nopp`, `_persist`): `mosaic_union.paged_sparse_attention_mosaic_union`
-  on every token (plan + kernel; 2-stage ring with ping-pong, 3 stages, no ping-pong, a
-  persistent grid of one program per SM);
+- `mosaic:kernel` (`_s3`, `_nopp`, `_persist`, `_fence`, `_persist_fence`):
+  `mosaic_union.paged_sparse_attention_mosaic_union` on every token (plan + kernel; 2-stage
+  ring with ping-pong; 3 stages; no ping-pong; the two variant knobs: `programs` = the SM
+  count (a persistent grid), `softmax_fence`, and both);
 - `mosaic:plan`: its XLA plan alone (`plan_chunk`), to split the figure above;
 - `mosaic:union`, `mosaic:auto`, `mosaic:token`: the public call, implementation="mosaic";
 - `jax:union`, `torch:union`: the Triton-backend union (Pallas on Triton; PyTorch Triton);
@@ -40,6 +41,7 @@ from interop.testing import mean_tile_union, relative_error  # noqa: E402
 
 SHAPES = {"16k": ([16384], [16384]), "64k": ([65536], [65536]), "4k": ([4096], [4096])}
 PATHS = ("mosaic:kernel", "mosaic:kernel_s3", "mosaic:kernel_nopp", "mosaic:kernel_persist",
+         "mosaic:kernel_fence", "mosaic:kernel_persist_fence",
          "mosaic:plan", "mosaic:union", "mosaic:auto", "mosaic:token", "jax:union", "jax:auto",
          "torch:union", "torch:auto", "fa3:dense", "fa3:causal")
 CACHES = {"bf16": "auto", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
@@ -108,9 +110,13 @@ def path_call(case, path):
         return kernel_call(case, num_stages=3), None
     if path == "mosaic:kernel_nopp":
         return kernel_call(case, pingpong=False), None
-    if path == "mosaic:kernel_persist":
+    if path.startswith("mosaic:kernel_") and path.removeprefix("mosaic:kernel_") in (
+            "persist", "fence", "persist_fence"):
         import jax
-        return kernel_call(case, programs=jax.devices()[0].core_count), None
+        knobs = path.removeprefix("mosaic:kernel_").split("_")
+        return kernel_call(case, softmax_fence="fence" in knobs,
+                           programs=jax.devices()[0].core_count if "persist" in knobs
+                           else None), None
     if path == "mosaic:plan":
         return plan_call(case), None
     if path.startswith("fa3:"):

@@ -213,7 +213,7 @@ def plan_chunk(topk_indices, token_to_req, token_positions, block_table, token_m
 def _kernel(first_ref, size_ref, page_ref, block_ref, bits_ref, keys_ref, owned_ref, rows_ref,
             scales_ref, q_ref, cache_ref, out_ref, *, layout: str, block_size: int, stages: int,
             tile_tokens: int, moved: int, per_consumer: int, chunk: int, score_scale: float,
-            pingpong: bool, programs: int | None):
+            pingpong: bool, programs: int | None, softmax_fence: bool):
     """One program of a chunk of `chunk` tokens starting at first_ref[0]: the (tile, KV head)
     work item at its grid position, or (programs: a persistent grid of that many programs)
     the items program, program + programs, ... (tile-major), the K/V ring running on from
@@ -330,6 +330,8 @@ def _kernel(first_ref, size_ref, page_ref, block_ref, bits_ref, keys_ref, owned_
                     l = alpha * l + p.sum(axis=1)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     p16 = p.astype(cdt)
+                    if softmax_fence:  # the softmax stays before the barriers below
+                        acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
                     if pingpong:
                         plgpu.barrier_arrive(sched)  # softmax done
                     plgpu.barrier_wait(v_bar.at[slot])
@@ -507,6 +509,7 @@ def paged_sparse_attention_mosaic_union(spec: SparseAttentionSpec, query, kv_cac
                                         token_mask=None, max_union=None, out=None,
                                         num_stages: int | None = None, pingpong: bool = True,
                                         programs: int | None = None,
+                                        softmax_fence: bool = False,
                                         chunk_tokens: int | None = None):
     """Union attention of the rows in token_mask on the Mosaic GPU union kernel; inputs
     already validated (as `attention.paged_sparse_attention` takes them; see
@@ -532,6 +535,10 @@ def paged_sparse_attention_mosaic_union(spec: SparseAttentionSpec, query, kv_cac
         of that many programs (the SM count: one fits an SM) walking the work items, the
         ring running on across items so that one item's first pages arrive while the last
         one computes.
+      softmax_fence: an optimization barrier on the softmax's results before the consumer
+        says "softmax done" (attention_mgpu.py does this for head_size <= 128, where it
+        measured faster: the compiler cannot sink the rescale and the row sums past the
+        ping-pong barrier into the other consumer's turn).
       chunk_tokens: tokens per plan and launch (default: `interop.tiling`'s plan budget; a
         smaller value tests the chunk loop).
     Returns: (out, left): out [num_tokens, num_heads, head_size] in the query dtype; left
@@ -572,12 +579,12 @@ def paged_sparse_attention_mosaic_union(spec: SparseAttentionSpec, query, kv_cac
     kernel = functools.partial(
         _kernel, layout=spec.kv_cache_layout, block_size=block_size, stages=stages,
         tile_tokens=tokens, moved=moved, per_consumer=per_consumer, chunk=n,
-        score_scale=spec.scale * LOG2E, pingpong=pingpong,
+        score_scale=spec.scale * LOG2E, pingpong=pingpong, softmax_fence=softmax_fence,
         programs=None if programs is None else min(programs, num_tiles * num_kv_heads))
     grid = (num_tiles, num_kv_heads) if programs is None else (kernel.keywords["programs"],)
     name = (f"sparse_attention_mosaic_union_{spec.kv_cache_layout}_g{group}_s{stages}"
             f"{'_pp' if pingpong else ''}{'_fp8' if fp8 else ''}"
-            f"{'' if programs is None else '_persistent'}")
+            f"{'' if programs is None else '_persistent'}{'_fence' if softmax_fence else ''}")
     scales = scalar_scales(k_scale, v_scale)
 
     def run_chunk(i, carry):

@@ -236,28 +236,31 @@ FP8_CACHES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
 
 
 @needs_plgpu
-@pytest.mark.parametrize("heads, layout, dtype, cache, stages, pingpong, programs", [
-    ((64, 4), "NHD", "bfloat16", "auto", 2, True, None),
-    ((64, 4), "HND", "bfloat16", "auto", 2, True, None),
-    ((16, 1), "NHD", "float16", "auto", 2, True, None),
-    ((16, 1), "HND", "bfloat16", "auto", 3, True, None),
-    ((8, 2), "NHD", "bfloat16", "auto", 1, False, None),
-    ((48, 2), "HND", "float16", "auto", 2, False, None),
-    ((4, 4), "NHD", "bfloat16", "auto", 3, True, None),
-    ((128, 2), "HND", "bfloat16", "auto", 2, True, None),
-    ((64, 4), "NHD", "bfloat16", "auto", 2, True, 7),
-    ((16, 1), "HND", "bfloat16", "fp8_e4m3", 2, True, 132),
-    ((64, 4), "NHD", "bfloat16", "fp8_e4m3", 2, True, None),
-    ((64, 4), "HND", "bfloat16", "fp8_e4m3", 2, True, None),
-    ((64, 4), "NHD", "float16", "fp8_e5m2", 2, True, None),
-    ((64, 4), "HND", "bfloat16", "fp8_e5m2", 1, False, None),
-    ((16, 1), "NHD", "float16", "fp8_e4m3", 2, False, None),
-    ((48, 2), "HND", "bfloat16", "fp8_e5m2", 2, True, None),
-], ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else str(v))
-def test_union_lowers_for_cuda(heads, layout, dtype, cache, stages, pingpong, programs):
+@pytest.mark.parametrize("heads, layout, dtype, cache, stages, pingpong, knobs", [
+    ((64, 4), "NHD", "bfloat16", "auto", 2, True, {}),
+    ((64, 4), "HND", "bfloat16", "auto", 2, True, {}),
+    ((16, 1), "NHD", "float16", "auto", 2, True, {}),
+    ((16, 1), "HND", "bfloat16", "auto", 3, True, {}),
+    ((8, 2), "NHD", "bfloat16", "auto", 1, False, {}),
+    ((48, 2), "HND", "float16", "auto", 2, False, {}),
+    ((4, 4), "NHD", "bfloat16", "auto", 3, True, {}),
+    ((128, 2), "HND", "bfloat16", "auto", 2, True, {}),
+    ((64, 4), "NHD", "bfloat16", "auto", 2, True, {"programs": 7}),
+    ((16, 1), "HND", "bfloat16", "fp8_e4m3", 2, True, {"programs": 132}),
+    ((64, 4), "HND", "bfloat16", "auto", 2, True, {"softmax_fence": True}),
+    ((64, 4), "NHD", "bfloat16", "fp8_e4m3", 2, True, {"programs": 132, "softmax_fence": True}),
+    ((64, 4), "NHD", "bfloat16", "fp8_e4m3", 2, True, {}),
+    ((64, 4), "HND", "bfloat16", "fp8_e4m3", 2, True, {}),
+    ((64, 4), "NHD", "float16", "fp8_e5m2", 2, True, {}),
+    ((64, 4), "HND", "bfloat16", "fp8_e5m2", 1, False, {}),
+    ((16, 1), "NHD", "float16", "fp8_e4m3", 2, False, {}),
+    ((48, 2), "HND", "bfloat16", "fp8_e5m2", 2, True, {}),
+], ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else
+       "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v))
+def test_union_lowers_for_cuda(heads, layout, dtype, cache, stages, pingpong, knobs):
     """The real kernel (with its chunk plan and the aliased output) lowers through Pallas'
     Mosaic GPU backend for CUDA, no GPU needed: 16-bit and FP8 caches (scalar scales) in
-    both layouts, one program per item and persistent."""
+    both layouts, with the variant knobs (a persistent grid, the softmax fence)."""
     spec = interop.SparseAttentionSpec(*heads, topk_blocks=16, kv_cache_dtype=cache,
                                        kv_cache_layout=layout)
     sds, i32 = jax.ShapeDtypeStruct, jnp.int32
@@ -270,8 +273,8 @@ def test_union_lowers_for_cuda(heads, layout, dtype, cache, stages, pingpong, pr
 
     def call(*a):
         return mosaic_union.paged_sparse_attention_mosaic_union(
-            spec, *a, max_union=24, num_stages=stages, pingpong=pingpong, programs=programs,
-            chunk_tokens=24)
+            spec, *a, max_union=24, num_stages=stages, pingpong=pingpong, chunk_tokens=24,
+            **knobs)
 
     text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 1, "no Mosaic GPU kernel in the CUDA lowering"
@@ -379,11 +382,13 @@ def test_gpu_union_nan_query_rows_and_empty_rows(rng, cache):
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("stages, pingpong, chunk, programs", [
-    (1, True, None, None), (3, True, 40, None), (2, False, 24, None), (3, False, None, None),
-    (2, True, None, 5), (1, True, 40, 3), (3, False, None, 132)])
-def test_gpu_union_pipeline_and_chunks(rng, stages, pingpong, chunk, programs):
-    """Ring depths 1-3, with and without ping-pong, one program per item or persistent;
+@pytest.mark.parametrize("stages, pingpong, chunk, programs, fence", [
+    (1, True, None, None, False), (3, True, 40, None, False), (2, False, 24, None, False),
+    (3, False, None, None, False), (2, True, None, 5, False), (1, True, 40, 3, True),
+    (3, False, None, 132, False), (2, True, 24, None, True)])
+def test_gpu_union_pipeline_and_chunks(rng, stages, pingpong, chunk, programs, fence):
+    """Ring depths 1-3, with and without ping-pong and the softmax fence, one program per
+    item or persistent;
     chunks of 24 / 40 tokens (the last one overlapping the one before); a cap leaving some
     tiles out (their rows keep `out`)."""
     problem = _problem(rng, "auto", "NHD", (16, 1), topk=16, query_lens=[1, 130, 70],
@@ -395,14 +400,15 @@ def test_gpu_union_pipeline_and_chunks(rng, stages, pingpong, chunk, programs):
     sentinel = jnp.full(problem.query.shape, 7.0, problem.query.dtype)
     out, left = mosaic_union.paged_sparse_attention_mosaic_union(
         spec, *args[:6], token_mask=mask, max_union=20, out=sentinel, num_stages=stages,
-        pingpong=pingpong, programs=programs, chunk_tokens=chunk)
+        pingpong=pingpong, programs=programs, softmax_fence=fence, chunk_tokens=chunk)
     out, left = np.asarray(out, np.float64), np.asarray(left)
     ref = _reference(problem)
     done = np.asarray(mask) & ~left
     assert left.any() and done.any(), "weak problem: no tile on each side of the cap"
     assert (out[~done] == 7.0).all(), "rows outside the kernel's tiles were written"
     _check(out[done], ref[done],
-           f"mosaic union stages={stages} pingpong={pingpong} programs={programs}")
+           f"mosaic union stages={stages} pingpong={pingpong} programs={programs} "
+           f"fence={fence}")
 
 
 @pytest.mark.gpu
