@@ -281,6 +281,33 @@ def test_union_lowers_for_cuda(heads, layout, dtype, cache, stages, pingpong, kn
     assert "output_operand_alias" in text, "the output is not aliased in place"
 
 
+@needs_plgpu
+@pytest.mark.parametrize("cache, scale_mode", [("auto", "none"), ("fp8_e4m3", "scalar"),
+                                               ("fp8_e5m2", "per_slot")])
+def test_hopper_auto_lowers_for_cuda(monkeypatch, cache, scale_mode):
+    """The default implementation's "auto" as it runs on Hopper (`HOPPER_AUTO`): the Mosaic
+    union kernel (16-bit, FP8 with a scalar scale) beside the Triton-backend token kernel,
+    or (per-slot FP8 scales) the Triton-backend union; lowered for CUDA."""
+    monkeypatch.setattr(mosaic, "mosaic_available", lambda: True)
+    spec = interop.SparseAttentionSpec(64, 4, topk_blocks=16, kv_cache_dtype=cache)
+    n = interop.tiling.UNION_MIN_TOKENS
+    sds, i32 = jax.ShapeDtypeStruct, jnp.int32
+    dtype = FP8_CACHES.get(cache, jnp.bfloat16)
+    args = [sds((n, 64, 128), jnp.bfloat16), sds(spec.physical_kv_cache_shape(64), dtype),
+            sds((4, n, 16), i32), sds((n,), i32), sds((n,), i32), sds((4, 64), i32)]
+    args += {"none": [None, None], "scalar": [sds((1,), jnp.float32)] * 2,
+             "per_slot": [sds((4, 64 * 128), jnp.float32)] * 2}[scale_mode]
+
+    def call(*a):
+        return dispatch.sparse_attention_pallas(spec, *a, num_decode_tokens=jnp.int32(3),
+                                                interpret=False)
+
+    text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    mosaic_union_kernel = "sparse_attention_mosaic_union" in text
+    assert mosaic_union_kernel == (scale_mode != "per_slot"), (cache, scale_mode)
+    assert "triton" in text.lower(), "no Triton-backend kernel beside it"
+
+
 # --- GPU: compiled Mosaic GPU kernels ---------------------------------------------------------
 
 UNION_HEADS = [(64, 4), (16, 1), (8, 2), (48, 2)]
