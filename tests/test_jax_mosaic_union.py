@@ -4,11 +4,14 @@ CPU (no interpreter: Mosaic GPU's is private and does not take these kernels): t
 the per-entry key counts and the chunk plan against a NumPy derivation of the contract (every
 (token, KV head, page, key) the kernel's masks let through is exactly what the contract
 attends; V rows past the entry's key count are attended by no row), the dispatcher's choice of
-kernels, the shared-memory budget, and the real kernel lowered for CUDA (layouts, 16-bit
-dtypes, GQA groups, pipeline depths, with and without ping-pong).
+kernels (`dispatch.HOPPER_AUTO`, also lowered for CUDA), the shared-memory budget, and the
+real kernel lowered for CUDA (layouts, 16-bit and FP8 caches, GQA groups, pipeline depths,
+with and without ping-pong, the persistent grid and the softmax fence).
 GPU (`gpu`, Hopper): parity with the float64 reference (mixed batches, junk entries and block
 table rows, NaN in every unattended slot, empty rows, padding, NaN query rows, both layouts,
-several chunks) and, at 16k tokens, "auto" against the float32 device reference.
+several chunks, FP8 caches with and without scalar scales, the variant knobs) and, at 16k
+tokens, "auto" (bf16 and FP8; FP8 per-slot scales routed to the token kernels) against the
+float32 device reference.
 """
 import dataclasses
 
