@@ -5,14 +5,18 @@ FlashAttention-3 (Mosaic GPU, dense) as the ceiling. GPU only (Hopper).
     python benchmarks/mosaic_union_bench.py --shapes 16k --paths mosaic:kernel,jax:union
     python benchmarks/mosaic_union_bench.py --rows 16k:random:mosaic:auto+mosaic:token
     python benchmarks/mosaic_union_bench.py --list                # the paths
+    python benchmarks/mosaic_union_bench.py --cache fp8_e4m3 --paths mosaic:kernel,jax:auto
 
-One prefill request of 16k / 64k tokens (no cached context), 64/4 heads, bf16, selections
+One prefill request of 16k / 64k tokens (no cached context), 64/4 heads (--heads), a bf16
+cache (--cache: or FP8 with scalar scales, as bench.py's FP8 rows), bf16 queries, selections
 `make_topk(rho=0.87)` (the M3 indexer's overlap). Useful TFLOP/s = 4 * 128 * the keys each
 (token, query head) attends / time (`harness.Case.flops`), cold L2 (`harness.jax_cold_ms` /
 `torch_cold_ms`). Every path's output is first checked on sampled rows against the float64
 reference. Paths:
-- `mosaic:kernel` (`_s3`, `_nopp`): `mosaic_union.paged_sparse_attention_mosaic_union` on
-  every token (plan + kernel; 2-stage ring with ping-pong, 3 stages, no ping-pong);
+- `mosaic:kernel` (`_s3`, `_nopp`, `_persist`, `_fence`, `_persist_fence`):
+  `mosaic_union.paged_sparse_attention_mosaic_union` on every token (plan + kernel; 2-stage
+  ring with ping-pong; 3 stages; no ping-pong; the two variant knobs: `programs` = the SM
+  count (a persistent grid), `softmax_fence`, and both);
 - `mosaic:plan`: its XLA plan alone (`plan_chunk`), to split the figure above;
 - `mosaic:union`, `mosaic:auto`, `mosaic:token`: the public call, implementation="mosaic";
 - `jax:union`, `torch:union`: the Triton-backend union (Pallas on Triton; PyTorch Triton);
@@ -36,9 +40,12 @@ import interop  # noqa: E402
 from interop.testing import mean_tile_union, relative_error  # noqa: E402
 
 SHAPES = {"16k": ([16384], [16384]), "64k": ([65536], [65536]), "4k": ([4096], [4096])}
-PATHS = ("mosaic:kernel", "mosaic:kernel_s3", "mosaic:kernel_nopp", "mosaic:plan",
-         "mosaic:union", "mosaic:auto", "mosaic:token", "jax:union", "torch:union",
-         "fa3:dense", "fa3:causal")
+PATHS = ("mosaic:kernel", "mosaic:kernel_s3", "mosaic:kernel_nopp", "mosaic:kernel_persist",
+         "mosaic:kernel_fence", "mosaic:kernel_persist_fence",
+         "mosaic:plan", "mosaic:union", "mosaic:auto", "mosaic:token", "jax:union", "jax:auto",
+         "torch:union", "torch:auto", "fa3:dense", "fa3:causal")
+CACHES = {"bf16": "auto", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
+FP8_SCALES = (0.75, 1.25)  # scalar k_scale, v_scale (bench.py's FP8 rows)
 
 
 def log(msg):
@@ -52,11 +59,11 @@ def kernel_call(case, **kw):
     md, n = case.j_md, case.md.num_tokens
 
     @jax.jit
-    def run(q, cache, topk, t2r, pos, table):
+    def run(q, cache, topk, t2r, pos, table, k_scale, v_scale):
         return paged_sparse_attention_mosaic_union(case.spec, q, cache, topk, t2r, pos, table,
-                                                   **kw)[0]
+                                                   k_scale, v_scale, **kw)[0]
     args = (case.j_q, case.j_cache, case.j_topk, md.token_to_req[:n], md.token_positions[:n],
-            md.block_table)
+            md.block_table, case.j_k_scale, case.j_v_scale)
     return lambda: run(*args)
 
 
@@ -103,6 +110,13 @@ def path_call(case, path):
         return kernel_call(case, num_stages=3), None
     if path == "mosaic:kernel_nopp":
         return kernel_call(case, pingpong=False), None
+    if path.startswith("mosaic:kernel_") and path.removeprefix("mosaic:kernel_") in (
+            "persist", "fence", "persist_fence"):
+        import jax
+        knobs = path.removeprefix("mosaic:kernel_").split("_")
+        return kernel_call(case, softmax_fence="fence" in knobs,
+                           programs=jax.devices()[0].core_count if "persist" in knobs
+                           else None), None
     if path == "mosaic:plan":
         return plan_call(case), None
     if path.startswith("fa3:"):
@@ -115,18 +129,22 @@ def path_call(case, path):
 
 
 def run_shape(args, shape, rho, paths, rng, result, save):
-    spec = interop.SparseAttentionSpec(64, 4, topk_blocks=16)
+    heads, kv_heads = map(int, args.heads.split("/"))
+    spec = interop.SparseAttentionSpec(heads, kv_heads, topk_blocks=16,
+                                       kv_cache_dtype=CACHES[args.cache])
     ql, sl = SHAPES[shape]
     t0 = time.perf_counter()
-    case = Case(spec, ql, sl, rng, decode_query_len=max(ql) + 1, rho=rho)
+    case = Case(spec, ql, sl, rng, decode_query_len=max(ql) + 1, rho=rho,
+                scales=FP8_SCALES if spec.is_fp8 else None)
     idx = case.sample_idx(args.samples)
     ref = case.reference(idx)
     selection = "random" if rho is None else f"rho{rho}"
-    row = dict(shape=shape, selection=selection, tokens=case.md.num_tokens, flops=case.flops,
+    row = dict(shape=shape, selection=selection, heads=args.heads, cache=args.cache,
+               tokens=case.md.num_tokens, flops=case.flops,
                union8=mean_tile_union(case.topk_np, case.md), paths={},
                setup_s=time.perf_counter() - t0)
     result["rows"].append(row)
-    log(f"{shape} {selection}: {case.md.num_tokens} tokens, {case.flops / 1e12:.2f} useful TFLOP, "
+    log(f"{shape} {selection} {args.heads} {args.cache}: {case.md.num_tokens} tokens, {case.flops / 1e12:.2f} useful TFLOP, "
         f"mean 8-token union {row['union8']:.1f}")
     for path in paths:
         p = row["paths"][path] = {}
@@ -160,6 +178,8 @@ def main(argv=None):
     ap.add_argument("--rows", default=None,
                     help="SHAPE:SELECTION[:PATH+PATH...] rows separated by commas, SELECTION "
                     "rho0.87 or random (default: --shapes x rho0.87 x --paths)")
+    ap.add_argument("--heads", default="64/4", help="query heads / KV heads")
+    ap.add_argument("--cache", default="bf16", choices=sorted(CACHES))
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--rep-ms", type=int, default=200)
     ap.add_argument("--fa3-max-tokens", type=int, default=16384)

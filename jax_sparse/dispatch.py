@@ -15,19 +15,33 @@ picks the path of the prefill rows (padding rows included; they give zeros on ev
   one is planned tile by tile on the device: a tile of prefill rows whose union is at most
   `max_union` runs on the union kernel; the other prefill rows go to k2q when the batch has
   at least K2Q_MIN_TOKENS (padded) tokens, else to the token kernel. On a Hopper GPU with
-  Mosaic GPU (`hopper_union`: 16-bit caches) the union tiles go to the Mosaic GPU union
-  kernel instead, with its own share (MOSAIC_UNION_MAX_SHARE), and every other row to the
-  Triton-backend token kernel, compacted (`run_on_rows`): each backend runs what it is
-  fastest at.
+  Mosaic GPU, `HOPPER_AUTO` (the one table of that choice, `hopper_union`) may give the union
+  tiles to the Mosaic GPU union kernel instead, with its own share (MOSAIC_UNION_MAX_SHARE),
+  and every other row to the Triton-backend token kernel, compacted (`run_on_rows`): each
+  backend runs what it is fastest at.
 
 Under implementation="mosaic" (`sparse_attention_mosaic`, Pallas Mosaic GPU) the same rules
 pick among the Mosaic kernels (`mosaic_prefill_path`): decode rows, "token" and "k2q" run on
 the Mosaic token kernel (`mosaic.py`); "union" runs every prefill row on the Mosaic union
 kernel (`mosaic_union.py`); "auto" runs a batch of at least UNION_MIN_TOKENS (padded) tokens
 tile by tile, tiles whose union is at most `max_union(..., MOSAIC_UNION_MAX_SHARE)` on the
-union kernel, the other rows on the token kernel (through a token mask). FP8 caches and GQA
-groups past 64 query heads (`mosaic_union.unsupported_reason`) run every row on the token
+union kernel, the other rows on the token kernel (through a token mask). What
+`mosaic_union.unsupported_reason` refuses (FP8 with per-slot scales, GQA groups past 64
+query heads), and what `HOPPER_AUTO` gives no union kernel, runs every row on the token
 kernel.
+
+On Hopper, compiled, a batch of at least UNION_MIN_TOKENS (padded) tokens under "auto":
+
+| implementation | cache | small-union tiles (share) | other prefill rows, decodes |
+|---|---|---|---|
+| "pallas" (default) | 16-bit | Mosaic union (0.65) | Pallas-Triton token |
+| "pallas" (default) | FP8, no / scalar scale | Mosaic union (0.65) | Pallas-Triton token |
+| "pallas" (default) | FP8, per-slot scales | Pallas-Triton union (0.25) | Pallas-Triton token |
+| "mosaic" | 16-bit, FP8 no / scalar | Mosaic union (0.65) | Mosaic token |
+| "mosaic" | FP8, per-slot scales | - | Mosaic token |
+
+Smaller batches, and "token" / "k2q", run as off Hopper; "union" runs every prefill row on
+the implementation's union kernel ("mosaic": where `unsupported_reason` allows).
 """
 from __future__ import annotations
 
@@ -71,6 +85,38 @@ K2Q_MIN_TOKENS = 1 << 30
 # / 123 at 16k / 64k rho0.87.
 MOSAIC_UNION_MAX_SHARE = 0.65
 
+# The one table of the Hopper choice under "auto" (the module's table): (implementation,
+# `cache_class`) -> the kernel that takes the small-union tiles ("mosaic": the Mosaic GPU
+# union kernel, "pallas": the Triton-backend union kernel, None: none, every prefill row on
+# the token kernel). The other rows run on the implementation's token kernel.
+# FP8 rows: the Mosaic union kernel dequantizes each page once per stage (FP8 ring ->
+# 16-bit ring, in its producer warpgroup); on the H200 the Triton-backend union ran FP8 at
+# 122 useful TFLOP/s (64/4, 64k rho0.87, PERF.md) against 139 for bf16, and the Mosaic
+# union kernel runs bf16 at 243-251, so FP8 goes to it. Not yet timed on FP8
+# (benchmarks/mosaic_union_bench.py --cache fp8_e4m3): if it loses to 122 there, set
+# ("pallas", "fp8") to "pallas".
+HOPPER_AUTO: dict[tuple[str, str], str | None] = {
+    ("pallas", "16-bit"): "mosaic",
+    ("pallas", "fp8"): "mosaic",
+    ("pallas", "fp8-per-slot"): "pallas",
+    ("mosaic", "16-bit"): "mosaic",
+    ("mosaic", "fp8"): "mosaic",
+    ("mosaic", "fp8-per-slot"): None,
+}
+
+
+def cache_class(cache_dtype, k_scale=None) -> str:
+    """`HOPPER_AUTO`'s cache key: "16-bit", "fp8" (no or a scalar scale) or "fp8-per-slot"
+    (k_scale [num_kv_heads, slots]: a scale per key, which no kernel can fold)."""
+    if jnp.dtype(cache_dtype).itemsize == 2:
+        return "16-bit"
+    return "fp8-per-slot" if k_scale is not None and jnp.ndim(k_scale) == 2 else "fp8"
+
+
+def _mosaic_union_reason(spec: SparseAttentionSpec, cache_dtype, k_scale) -> str | None:
+    return unsupported_reason(spec, cache_dtype,
+                              per_slot_scales=cache_class(cache_dtype, k_scale) == "fp8-per-slot")
+
 
 def max_union(num_queries_per_kv: int, topk: int, share: float = UNION_MAX_SHARE) -> int:
     """The largest tile union (blocks per KV head) that "auto" gives to the union kernel."""
@@ -109,13 +155,12 @@ def sparse_attention_pallas(spec: SparseAttentionSpec, query, kv_cache, topk_ind
         out = paged_sparse_attention_union(*args, token_mask=~decode, **common)
     elif prefill_algorithm == "k2q":
         out = paged_sparse_attention_k2q(*args, token_mask=~decode, **common)
-    elif hopper_union(spec, kv_cache.dtype, interpret):
+    elif hopper_union(spec, kv_cache.dtype, interpret, k_scale):
         # The Mosaic GPU union kernel takes the small-union tiles (1.8x the Triton-backend
         # union on the H200), the Triton-backend token kernel every other row (1.4x the Mosaic
         # token kernel), compacted so that no launch covers rows it does not compute.
         out, left = paged_sparse_attention_mosaic_union(
-            spec, query, kv_cache, topk_indices, token_to_req, token_positions, block_table,
-            token_mask=~decode,
+            *args, token_mask=~decode,
             max_union=max_union(spec.num_queries_per_kv, spec.topk_blocks,
                                 MOSAIC_UNION_MAX_SHARE))
 
@@ -139,25 +184,29 @@ def sparse_attention_pallas(spec: SparseAttentionSpec, query, kv_cache, topk_ind
     return token_kernel(token_mask=decode, out=out)
 
 
-def hopper_union(spec: SparseAttentionSpec, cache_dtype, interpret) -> bool:
+def hopper_union(spec: SparseAttentionSpec, cache_dtype, interpret, k_scale=None) -> bool:
     """Whether "auto" on the Pallas kernels gives its small-union tiles to the Mosaic GPU union
-    kernel: compiled (not interpreted) on a Hopper GPU where Mosaic GPU runs, for the caches
-    and groups that kernel takes (`mosaic_union.unsupported_reason`). A static fact."""
-    if interpret or unsupported_reason(spec, cache_dtype) is not None:
+    kernel: compiled (not interpreted) on a Hopper GPU where Mosaic GPU runs, where
+    `HOPPER_AUTO` says so and the kernel takes the layer (`mosaic_union.unsupported_reason`).
+    k_scale: the call's (its shape says whether the scales are per slot). A static fact."""
+    if (interpret or HOPPER_AUTO["pallas", cache_class(cache_dtype, k_scale)] != "mosaic"
+            or _mosaic_union_reason(spec, cache_dtype, k_scale) is not None):
         return False
     from .mosaic import mosaic_available
     return mosaic_available()
 
 
 def mosaic_prefill_path(spec: SparseAttentionSpec, num_tokens: int, cache_dtype,
-                        prefill_algorithm: str) -> str:
+                        prefill_algorithm: str, k_scale=None) -> str:
     """Which Mosaic GPU kernels run the prefill rows of a batch of `num_tokens` (padded)
     tokens (static facts only): "token" (the token kernel, with the decode rows), "union"
     (every prefill row on the union kernel) or "capped" (tiles whose union is at most
     `max_union(..., MOSAIC_UNION_MAX_SHARE)` on the union kernel, other rows on the token
-    kernel). See the module docstring."""
+    kernel). k_scale: the call's. See the module docstring and `HOPPER_AUTO`."""
     check_prefill_algorithm(prefill_algorithm)
-    if prefill_algorithm in ("token", "k2q") or unsupported_reason(spec, cache_dtype):
+    if (prefill_algorithm in ("token", "k2q")
+            or HOPPER_AUTO["mosaic", cache_class(cache_dtype, k_scale)] != "mosaic"
+            or _mosaic_union_reason(spec, cache_dtype, k_scale)):
         return "token"
     if prefill_algorithm == "union":
         return "union"
@@ -179,7 +228,8 @@ def sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, topk_ind
     from .mosaic import mosaic_unavailable_reason
     from .mosaic import sparse_attention_mosaic as token_path
 
-    path = mosaic_prefill_path(spec, query.shape[0], kv_cache.dtype, prefill_algorithm)
+    path = mosaic_prefill_path(spec, query.shape[0], kv_cache.dtype, prefill_algorithm,
+                               k_scale)
     if path == "token":
         return token_path(spec, query, kv_cache, topk_indices, token_to_req, token_positions,
                           block_table, k_scale, v_scale, num_decode_tokens=num_decode_tokens,
@@ -195,7 +245,7 @@ def sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, topk_ind
            if path == "capped" else None)
     out, left = paged_sparse_attention_mosaic_union(
         spec, query, kv_cache, topk_indices, token_to_req, token_positions, block_table,
-        token_mask=~decode, max_union=cap)
+        k_scale, v_scale, token_mask=~decode, max_union=cap)
     rest = decode | left  # the token kernel's rows
 
     def token_rows(index):  # the token kernel on rows `index` (num_tokens: none)

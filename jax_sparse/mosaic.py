@@ -168,6 +168,14 @@ def smem_bytes(layout) -> int:
     return total
 
 
+def scalar_scales(k_scale, v_scale):
+    """[2] float32: the scalar k_scale and v_scale a kernel folds in (1 for none or per-slot
+    scales, which a kernel applies per key instead)."""
+    scalar = lambda s: (jnp.ones((), jnp.float32) if s is None or jnp.ndim(s) == 2  # noqa: E731
+                        else jnp.reshape(s, (-1,))[0])
+    return jnp.stack([scalar(k_scale), scalar(v_scale)]).astype(jnp.float32)
+
+
 def plan_pages(spec: SparseAttentionSpec, topk_indices, token_to_req, token_positions,
                block_table, num_blocks: int):
     """Per (KV head, token) row: the pages to read, valid entries first. XLA, before the launch.
@@ -414,9 +422,7 @@ def paged_sparse_attention_mosaic(spec: SparseAttentionSpec, query, kv_cache, to
     q = query.reshape(num_tokens, num_kv_heads, group, head_size)
     if moved != group:
         q = jnp.pad(q, ((0, 0), (0, 0), (0, moved - group), (0, 0)))
-    scalar = lambda s: jnp.ones((), jnp.float32) if s is None or s.ndim == 2 else s[0]  # noqa: E731
-    scalars = jnp.stack([scalar(k_scale), scalar(v_scale)]).astype(jnp.float32)
-    args = [q, pages, num_keys, counts, kv_cache, scalars]
+    args = [q, pages, num_keys, counts, kv_cache, scalar_scales(k_scale, v_scale)]
     if per_slot:
         args += [k_scale, v_scale]
 

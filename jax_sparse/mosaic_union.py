@@ -31,9 +31,16 @@ attends is multiplied in for every row of the tile, with a zero weight for rows 
 attend it, exactly as the Triton union kernel does. A row with a NaN / Inf query gives NaN
 when it attends a key; a row that attends nothing gives zeros.
 
-Layouts NHD and HND; 16-bit caches (bfloat16, float16). FP8 caches and GQA groups whose
-rows do not fit (a group of more than 64 query heads) are not taken: `unsupported_reason`
-says why, and the dispatcher (`dispatch.py`) sends those batches to the Mosaic token kernel.
+Layouts NHD and HND; 16-bit caches (bfloat16, float16) and FP8 caches (e4m3, e5m2) with no
+scale or a scalar k_scale / v_scale. An FP8 page is dequantized once per stage, by the
+producer: its TMA copies land in a ring of FP8_STAGES FP8 slots, and the producer converts
+each page (64 rows at a time) into the 16-bit ring the consumers read, zeroing there the V
+rows no row of the tile attends. The consumers see the 16-bit path's ring; a scalar k_scale
+folds into the softmax scale and v_scale into the output's normalisation. Per-slot scales do
+not fold (each key row has its own) and their rows do not fit shared memory beside both
+rings: those layers, and GQA groups whose rows do not fit (more than 64 query heads), are
+not taken: `unsupported_reason` says why, and the dispatcher (`dispatch.py`) sends them to
+a token kernel.
 
 Output: the kernel writes the rows it owns into the caller's output in place (a JAX `Ref`
 aliased in and out of `pl.kernel`), chunk after chunk, so no row outside the mask is copied.
@@ -53,15 +60,21 @@ from interop import SparseAttentionSpec
 from interop.tiling import union_tile_tokens, union_tokens_per_chunk
 
 from .mosaic import (_BARRIER_BYTES, _SMEM_ALIGN, SEMANTICS, SMEM_BYTES, TMA_ROWS, WGMMA_ROWS,
-                     _load, _plgpu, _transforms)
+                     _load, _plgpu, _transforms, scalar_scales)
 from .selection import LOG2E, MASK_VALUE
 from .union import plan_union
 
 CONSUMERS = 2          # consumer warpgroups, WGMMA_ROWS query rows each
 STAGES = 2             # K/V pages in flight: 2 x 64 KB (16-bit) beside 32 KB of queries
 MAX_STAGES = 3         # fits beside the queries when no reduction scratch is reserved
+MAX_STAGES_FP8 = 2     # beside the FP8 ring
+FP8_STAGES = 2         # FP8 pages in flight ahead of the 16-bit ring (FP8 caches only)
 CONSUMER_REGISTERS = 232
 PRODUCER_REGISTERS = 40
+# FP8: the producer also dequantizes (64 x 128 values a step in registers); the three
+# warpgroups share the register file's 512 registers a thread.
+CONSUMER_REGISTERS_FP8 = 216
+PRODUCER_REGISTERS_FP8 = 80
 _TILE, _HEAD, _WG = "tile", "kv_head", "wg"
 
 
@@ -74,12 +87,13 @@ def tile_geometry(num_queries_per_kv: int) -> tuple[int, int, int]:
     return tokens, moved, tokens // CONSUMERS
 
 
-def unsupported_reason(spec: SparseAttentionSpec, cache_dtype) -> str | None:
+def unsupported_reason(spec: SparseAttentionSpec, cache_dtype, *,
+                       per_slot_scales: bool = False) -> str | None:
     """None when the union kernel takes this layer; else why not (the dispatcher then runs
-    the Mosaic token kernel)."""
-    if jnp.dtype(cache_dtype).itemsize != 2:
-        return (f"cache dtype {jnp.dtype(cache_dtype).name}: the Mosaic union kernel takes "
-                "16-bit caches only (FP8 runs on the Mosaic token kernel)")
+    a token kernel). per_slot_scales: k_scale / v_scale are [num_kv_heads, slots] arrays."""
+    if per_slot_scales and jnp.dtype(cache_dtype).itemsize == 1:
+        return ("per-slot k_scale / v_scale: the Mosaic union kernel folds scalar scales "
+                "only (per-slot scale rows do not fit shared memory beside its two rings)")
     if spec.block_size != 128 or spec.head_size != 128:
         return "the Mosaic union kernel takes block_size 128 and head_size 128"
     tokens, moved, per_consumer = tile_geometry(spec.num_queries_per_kv)
@@ -90,15 +104,18 @@ def unsupported_reason(spec: SparseAttentionSpec, cache_dtype) -> str | None:
 
 
 def smem_bytes(stages: int, *, head_size: int = 128, block_size: int = 128,
-               itemsize: int = 2) -> int:
-    """Shared memory the kernel asks for: the two consumers' query / output rows, the K and
-    V rings, the row tables (each buffer aligned to 1 KB) and the barriers. No reduction
-    scratch is reserved: the kernel only reduces along a row, inside each warp."""
-    buffers = [CONSUMERS * WGMMA_ROWS * head_size * itemsize,
-               stages * block_size * head_size * itemsize,
-               stages * block_size * head_size * itemsize,
+               fp8: bool = False) -> int:
+    """Shared memory the kernel asks for: the two consumers' query / output rows, the 16-bit
+    K and V rings, the row tables, an FP8 cache's FP8 rings (each buffer aligned to 1 KB)
+    and the barriers. No reduction scratch is reserved: the kernel only reduces along a
+    row, inside each warp."""
+    page = block_size * head_size
+    buffers = [CONSUMERS * WGMMA_ROWS * head_size * 2, stages * page * 2, stages * page * 2,
                CONSUMERS * 2 * WGMMA_ROWS * 4]
     barriers = 2 * CONSUMERS + 4 * stages + 1
+    if fp8:
+        buffers += [FP8_STAGES * page, FP8_STAGES * page]
+        barriers += 2 * FP8_STAGES
     return (sum(-(-b // _SMEM_ALIGN) * _SMEM_ALIGN for b in buffers)
             + barriers * _BARRIER_BYTES)
 
@@ -194,33 +211,51 @@ def plan_chunk(topk_indices, token_to_req, token_positions, block_table, token_m
 
 
 def _kernel(first_ref, size_ref, page_ref, block_ref, bits_ref, keys_ref, owned_ref, rows_ref,
-            q_ref, cache_ref, out_ref, *, layout: str, block_size: int, stages: int,
+            scales_ref, q_ref, cache_ref, out_ref, *, layout: str, block_size: int, stages: int,
             tile_tokens: int, moved: int, per_consumer: int, chunk: int, score_scale: float,
-            pingpong: bool):
-    """One (tile, KV head) program of a chunk of `chunk` tokens starting at first_ref[0].
+            pingpong: bool, programs: int | None, softmax_fence: bool):
+    """One program of a chunk of `chunk` tokens starting at first_ref[0]: the (tile, KV head)
+    work item at its grid position, or (programs: a persistent grid of that many programs)
+    the items program, program + programs, ... (tile-major), the K/V ring running on from
+    one item into the next.
 
     size/page/block/bits/keys: the chunk's plan ([G, tiles(, E)] int32); owned_ref: [chunk]
-    int32, the tokens whose rows this launch writes; rows_ref: `row_table`; q_ref / out_ref:
-    [num_tokens, G, moved, D] (every token; out_ref aliased in and out).
+    int32, the tokens whose rows this launch writes; rows_ref: `row_table`; scales_ref: [2]
+    float32, an FP8 cache's scalar k_scale and v_scale (ignored for 16-bit caches); q_ref /
+    out_ref: [num_tokens, G, moved, D] (every token; out_ref aliased in and out).
     """
     plgpu = _plgpu()
     head_size = cache_ref.shape[-1]
     cdt = q_ref.dtype
+    fp8 = jnp.dtype(cache_ref.dtype).itemsize == 1
     rows = WGMMA_ROWS
     row_layout = plgpu.Layout.WGMMA.reduce(1)
+    num_kv_heads, num_tiles = size_ref.shape
+
+    def for_each_item(fn):
+        """fn(tile, head, done) -> done + the item's entries, over this program's items;
+        done counts the ring's entries before the item (its first slot is done % stages)."""
+        if programs is None:
+            fn(lax.axis_index(_TILE), lax.axis_index(_HEAD), jnp.int32(0))
+            return
+        program = lax.axis_index(_TILE)
+        count = lax.div(num_tiles * num_kv_heads - program + programs - 1, programs)
+
+        def item(i, done):
+            w = program + i * programs
+            return fn(lax.div(w, num_kv_heads), lax.rem(w, num_kv_heads), done)
+
+        lax.fori_loop(0, count, item, jnp.int32(0))
+
+    def page_of(kv: int, page, head):
+        if layout == "NHD":
+            return cache_ref.at[page, kv, :, head, :]
+        return cache_ref.at[page, kv, head, :, :]
 
     def body(qo_smem, k_smem, v_smem, rows_smem, q_bar, rows_bar, k_bar, v_bar, k_free,
-             v_free, sched):
-        tile = lax.axis_index(_TILE)
-        head = lax.axis_index(_HEAD)
+             v_free, sched, *fp8_ring):
         wg = lax.axis_index(_WG)
-        size = size_ref[head, tile]
         first = first_ref[0]
-
-        def page_of(kv: int, page):
-            if layout == "NHD":
-                return cache_ref.at[page, kv, :, head, :]
-            return cache_ref.at[page, kv, head, :, :]
 
         def perform_schedule_barrier():
             plgpu.barrier_arrive(sched)
@@ -228,134 +263,210 @@ def _kernel(first_ref, size_ref, page_ref, block_ref, bits_ref, keys_ref, owned_
 
         @pl.when(wg < CONSUMERS)
         def _consumer():
-            plgpu.set_max_registers(CONSUMER_REGISTERS, action="increase")
+            plgpu.set_max_registers(CONSUMER_REGISTERS_FP8 if fp8 else CONSUMER_REGISTERS,
+                                    action="increase")
             q_smem = qo_smem.at[wg]
-            base = tile * tile_tokens + wg * per_consumer  # the consumer's first chunk token
-            for j in range(per_consumer):
-                # A token past the array reads zeros (TMA's out-of-bounds fill).
-                plgpu.copy_gmem_to_smem(q_ref.at[first + base + j, head],
-                                        q_smem.at[pl.ds(j * moved, moved)], q_bar.at[wg])
-            plgpu.copy_gmem_to_smem(rows_ref.at[tile, wg], rows_smem.at[wg], rows_bar.at[wg])
-            plgpu.barrier_wait(rows_bar.at[wg])
-            position = _load(rows_smem.at[wg, 0], row_layout)
-            token_bit = _load(rows_smem.at[wg, 1], row_layout)
-            plgpu.barrier_wait(q_bar.at[wg])
-
             key_cols = plgpu.broadcasted_iota(jnp.int32, (rows, block_size), 1,
                                               layout=plgpu.Layout.WGMMA)
             key_rows = plgpu.broadcasted_iota(jnp.int32, (block_size, head_size), 0,
                                               layout=plgpu.Layout.WGMMA)
+            # An FP8 cache's scalar k_scale folds into the scores' scale, v_scale into the
+            # output's normalisation (the producer dequantizes without them).
+            scale = score_scale * scales_ref[0] if fp8 else score_scale
+            out_scale = scales_ref[1] if fp8 else 1.0
 
             def zero_unattended_v(slot, keys):
                 """V rows no row of the tile attends may hold anything: zeros (both consumers
-                write the same values, each before its own PV)."""
+                write the same values, each before its own PV). FP8: the producer did it."""
                 @pl.when(keys < block_size)
                 def _():
                     x = v_smem.at[slot][...]
                     v_smem.at[slot][...] = jnp.where(key_rows < keys, x, jnp.zeros_like(x))
                     plgpu.commit_smem()  # generic-proxy writes, then wgmma reads
 
-            if pingpong:
-                pl.when(wg == 1)(perform_schedule_barrier)
-
-            def step(e, carry):
-                acc, m, l = carry
-                slot = lax.rem(e, stages)
-                bits = bits_ref[head, tile, e]
-                block = block_ref[head, tile, e]
-                keys = keys_ref[head, tile, e]
-                # The last key of the page each row attends (-1: none).
-                last = jnp.where((token_bit & bits) != 0, position - block * block_size, -1)
-                plgpu.barrier_wait(k_bar.at[slot])
-
-                def qk(acc_ref):
-                    plgpu.wgmma(acc_ref, q_smem, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
-                    if pingpong:
-                        perform_schedule_barrier()
-                    return acc_ref[...]
-
-                scores = pl.run_scoped(qk, plgpu.ACC((rows, block_size), jnp.float32))
-                plgpu.barrier_arrive(k_free.at[slot])
-                attend = key_cols <= lax.broadcast_in_dim(last, scores.shape, [0])
-                scores = jnp.where(attend, scores * score_scale, -jnp.inf)
-                # m starts finite (MASK_VALUE): a row with nothing attended so far keeps it
-                # and its masked scores give exp2(-inf) = 0.
-                m_new = jnp.maximum(m, scores.max(axis=1))
-                alpha = jnp.exp2(m - m_new)
-                p = jnp.exp2(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
-                l = alpha * l + p.sum(axis=1)
-                acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                p16 = p.astype(cdt)
+            def item(tile, head, done):
+                size = size_ref[head, tile]
+                base = tile * tile_tokens + wg * per_consumer  # the consumer's first token
+                for j in range(per_consumer):
+                    # A token past the array reads zeros (TMA's out-of-bounds fill).
+                    plgpu.copy_gmem_to_smem(q_ref.at[first + base + j, head],
+                                            q_smem.at[pl.ds(j * moved, moved)], q_bar.at[wg])
+                plgpu.copy_gmem_to_smem(rows_ref.at[tile, wg], rows_smem.at[wg],
+                                        rows_bar.at[wg])
+                plgpu.barrier_wait(rows_bar.at[wg])
+                position = _load(rows_smem.at[wg, 0], row_layout)
+                token_bit = _load(rows_smem.at[wg, 1], row_layout)
+                plgpu.barrier_wait(q_bar.at[wg])
                 if pingpong:
-                    plgpu.barrier_arrive(sched)  # softmax done
+                    pl.when(wg == 1)(perform_schedule_barrier)
+
+                def step(e, carry):
+                    acc, m, l = carry
+                    slot = lax.rem(done + e, stages)
+                    bits = bits_ref[head, tile, e]
+                    block = block_ref[head, tile, e]
+                    keys = keys_ref[head, tile, e]
+                    # The last key of the page each row attends (-1: none).
+                    last = jnp.where((token_bit & bits) != 0, position - block * block_size,
+                                     -1)
+                    plgpu.barrier_wait(k_bar.at[slot])
+
+                    def qk(acc_ref):
+                        plgpu.wgmma(acc_ref, q_smem,
+                                    plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                        if pingpong:
+                            perform_schedule_barrier()
+                        return acc_ref[...]
+
+                    scores = pl.run_scoped(qk, plgpu.ACC((rows, block_size), jnp.float32))
+                    plgpu.barrier_arrive(k_free.at[slot])
+                    attend = key_cols <= lax.broadcast_in_dim(last, scores.shape, [0])
+                    scores = jnp.where(attend, scores * scale, -jnp.inf)
+                    # m starts finite (MASK_VALUE): a row with nothing attended so far keeps
+                    # it and its masked scores give exp2(-inf) = 0.
+                    m_new = jnp.maximum(m, scores.max(axis=1))
+                    alpha = jnp.exp2(m - m_new)
+                    p = jnp.exp2(scores - lax.broadcast_in_dim(m_new, scores.shape, [0]))
+                    l = alpha * l + p.sum(axis=1)
+                    acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+                    p16 = p.astype(cdt)
+                    if softmax_fence:  # the softmax stays before the barriers below
+                        acc, l, m_new, p16 = lax.optimization_barrier((acc, l, m_new, p16))
+                    if pingpong:
+                        plgpu.barrier_arrive(sched)  # softmax done
                     plgpu.barrier_wait(v_bar.at[slot])
-                    zero_unattended_v(slot, keys)
-                    plgpu.barrier_wait(sched)  # the tensor cores are ours
-                else:
-                    plgpu.barrier_wait(v_bar.at[slot])
-                    zero_unattended_v(slot, keys)
+                    if not fp8:
+                        zero_unattended_v(slot, keys)
+                    if pingpong:
+                        plgpu.barrier_wait(sched)  # the tensor cores are ours
 
-                def pv(acc_ref):
-                    plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
+                    def pv(acc_ref):
+                        plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
 
-                acc = pl.run_state(pv)(plgpu.ACC.init(acc))  # waits for wgmma
-                plgpu.barrier_arrive(v_free.at[slot])
-                return acc, m_new, l
+                    acc = pl.run_state(pv)(plgpu.ACC.init(acc))  # waits for wgmma
+                    plgpu.barrier_arrive(v_free.at[slot])
+                    return acc, m_new, l
 
-            init = (plgpu.layout_cast(jnp.zeros((rows, head_size), jnp.float32),
-                                      plgpu.Layout.WGMMA),
-                    plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, jnp.float32), row_layout),
-                    plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row_layout))
-            acc, m, l = lax.fori_loop(0, size, step, init)
-            if pingpong:
-                pl.when(wg == 0)(perform_schedule_barrier)
+                init = (plgpu.layout_cast(jnp.zeros((rows, head_size), jnp.float32),
+                                          plgpu.Layout.WGMMA),
+                        plgpu.layout_cast(jnp.full((rows,), MASK_VALUE, jnp.float32),
+                                          row_layout),
+                        plgpu.layout_cast(jnp.zeros((rows,), jnp.float32), row_layout))
+                acc, m, l = lax.fori_loop(0, size, step, init)
+                if pingpong:
+                    pl.when(wg == 0)(perform_schedule_barrier)
 
-            # l == 0: the row attended nothing (zeros, whatever acc holds); NaN l: a NaN row.
-            seen = l != 0.0
-            inv = 1.0 / jnp.where(seen, l, 1.0)
-            out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]),
-                            acc * lax.broadcast_in_dim(inv, acc.shape, [0]), 0.0)
-            q_smem[...] = out.astype(cdt)  # every wgmma reading the queries has completed
-            plgpu.commit_smem()
-            for j in range(per_consumer):
-                local = base + j
-                owned = (local < chunk) & (owned_ref[jnp.minimum(local, chunk - 1)] != 0)
+                # l == 0: the row attended nothing (zeros, whatever acc holds); NaN l: a NaN
+                # row.
+                seen = l != 0.0
+                inv = out_scale / jnp.where(seen, l, 1.0)
+                out = jnp.where(lax.broadcast_in_dim(seen, acc.shape, [0]),
+                                acc * lax.broadcast_in_dim(inv, acc.shape, [0]), 0.0)
+                q_smem[...] = out.astype(cdt)  # every wgmma reading the queries completed
+                plgpu.commit_smem()
+                for j in range(per_consumer):
+                    local = base + j
+                    owned = (local < chunk) & (owned_ref[jnp.minimum(local, chunk - 1)] != 0)
 
-                @pl.when(owned)
-                def _store():
-                    plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(j * moved, moved)],
-                                            out_ref.at[first + local, head])
-            plgpu.wait_smem_to_gmem(0)
+                    @pl.when(owned)
+                    def _store():
+                        plgpu.copy_smem_to_gmem(q_smem.at[pl.ds(j * moved, moved)],
+                                                out_ref.at[first + local, head])
+                # The next item's queries land where this one's outputs leave from.
+                plgpu.wait_smem_to_gmem(0)
+                return done + size
+
+            for_each_item(item)
 
         @pl.when(wg == CONSUMERS)
         def _producer():
-            plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
+            plgpu.set_max_registers(PRODUCER_REGISTERS_FP8 if fp8 else PRODUCER_REGISTERS,
+                                    action="decrease")
 
-            def issue(e, slot):
-                page = page_ref[head, tile, e]
-                plgpu.copy_gmem_to_smem(page_of(0, page), k_smem.at[slot], k_bar.at[slot])
-                plgpu.copy_gmem_to_smem(page_of(1, page), v_smem.at[slot], v_bar.at[slot])
+            def wait_free(free, g, slot):  # the slot's previous page has left both consumers
+                pl.when(g >= stages)(lambda: plgpu.barrier_wait(free.at[slot]))
 
-            for e in range(stages):  # the ring's first fill
-                pl.when(e < size)(functools.partial(issue, e, e))
+            def item(tile, head, done):
+                size = size_ref[head, tile]
 
-            def refill(e, carry):
-                slot = lax.rem(e, stages)
-                page = page_ref[head, tile, e]
-                plgpu.barrier_wait(k_free.at[slot])
-                plgpu.copy_gmem_to_smem(page_of(0, page), k_smem.at[slot], k_bar.at[slot])
-                plgpu.barrier_wait(v_free.at[slot])
-                plgpu.copy_gmem_to_smem(page_of(1, page), v_smem.at[slot], v_bar.at[slot])
-                return carry
+                def fill(e, carry):
+                    g = done + e
+                    slot = lax.rem(g, stages)
+                    page = page_ref[head, tile, e]
+                    wait_free(k_free, g, slot)
+                    plgpu.copy_gmem_to_smem(page_of(0, page, head), k_smem.at[slot],
+                                            k_bar.at[slot])
+                    wait_free(v_free, g, slot)
+                    plgpu.copy_gmem_to_smem(page_of(1, page, head), v_smem.at[slot],
+                                            v_bar.at[slot])
+                    return carry
 
-            lax.fori_loop(stages, jnp.maximum(size, stages), refill, None)
+                lax.fori_loop(0, size, dequantize_fill(tile, head, size, done) if fp8
+                              else fill, None)
+                return done + size
+
+            def dequantize_fill(tile, head, size, done):
+                """The FP8 path: pages land in the FP8 ring (FP8_STAGES ahead); each one is
+                converted once into the 16-bit ring, its unattended V rows zeroed."""
+                k8_smem, v8_smem, k8_bar, v8_bar = fp8_ring
+                half_rows = plgpu.broadcasted_iota(jnp.int32, (rows, head_size), 0,
+                                                   layout=plgpu.Layout.WGMMA)
+
+                def issue(e):
+                    slot8 = lax.rem(e, FP8_STAGES)
+                    page = page_ref[head, tile, e]
+                    plgpu.copy_gmem_to_smem(page_of(0, page, head), k8_smem.at[slot8],
+                                            k8_bar.at[slot8])
+                    plgpu.copy_gmem_to_smem(page_of(1, page, head), v8_smem.at[slot8],
+                                            v8_bar.at[slot8])
+
+                def dequantize(src, dst, keys):
+                    for r0 in range(0, block_size, rows):  # 64 rows at a time (registers)
+                        # FP8 -> float16 is one instruction a pair (exact for e4m3 / e5m2,
+                        # as is the step on to bfloat16).
+                        x = _load(src.at[pl.ds(r0, rows)], plgpu.Layout.WGMMA_UPCAST_2X)
+                        x = plgpu.layout_cast(x.astype(jnp.float16), plgpu.Layout.WGMMA)
+                        if cdt != jnp.float16:
+                            x = x.astype(jnp.float32).astype(cdt)
+                        if keys is not None:
+                            x = jnp.where(half_rows + r0 < keys, x, jnp.zeros_like(x))
+                        dst.at[pl.ds(r0, rows)][...] = x
+                    plgpu.commit_smem()  # generic-proxy writes, then wgmma / TMA
+
+                for e in range(FP8_STAGES):
+                    pl.when(e < size)(functools.partial(issue, e))
+
+                def convert(e, carry):
+                    g = done + e
+                    slot, slot8 = lax.rem(g, stages), lax.rem(e, FP8_STAGES)
+                    plgpu.barrier_wait(k8_bar.at[slot8])
+                    wait_free(k_free, g, slot)
+                    dequantize(k8_smem.at[slot8], k_smem.at[slot], None)
+                    plgpu.barrier_arrive(k_bar.at[slot])
+                    plgpu.barrier_wait(v8_bar.at[slot8])
+                    wait_free(v_free, g, slot)
+                    dequantize(v8_smem.at[slot8], v_smem.at[slot], keys_ref[head, tile, e])
+                    plgpu.barrier_arrive(v_bar.at[slot])
+                    pl.when(e + FP8_STAGES < size)(lambda: issue(e + FP8_STAGES))
+                    return carry
+
+                return convert
+
+            for_each_item(item)
 
     page_shape = (stages, block_size, head_size)
+    fp8_ring = []
+    if fp8:
+        page8 = (FP8_STAGES, block_size, head_size)
+        fp8_ring = [plgpu.SMEM(page8, cache_ref.dtype, transforms=_transforms(cache_ref.dtype)),
+                    plgpu.SMEM(page8, cache_ref.dtype, transforms=_transforms(cache_ref.dtype)),
+                    plgpu.Barrier(num_barriers=FP8_STAGES),
+                    plgpu.Barrier(num_barriers=FP8_STAGES)]
     pl.run_scoped(
         body,
         plgpu.SMEM((CONSUMERS, rows, head_size), cdt, transforms=_transforms(cdt)),
-        plgpu.SMEM(page_shape, cache_ref.dtype, transforms=_transforms(cache_ref.dtype)),
-        plgpu.SMEM(page_shape, cache_ref.dtype, transforms=_transforms(cache_ref.dtype)),
+        plgpu.SMEM(page_shape, cdt, transforms=_transforms(cdt)),
+        plgpu.SMEM(page_shape, cdt, transforms=_transforms(cdt)),
         plgpu.SMEM((CONSUMERS, 2, rows), jnp.int32),
         plgpu.Barrier(num_arrivals=per_consumer, num_barriers=CONSUMERS),
         plgpu.Barrier(num_barriers=CONSUMERS),
@@ -364,6 +475,7 @@ def _kernel(first_ref, size_ref, page_ref, block_ref, bits_ref, keys_ref, owned_
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=CONSUMERS, num_barriers=stages),
         plgpu.Barrier(num_arrivals=CONSUMERS),
+        *fp8_ring,
         collective_axes=_WG,
     )
 
@@ -373,7 +485,8 @@ def _launch(kernel, args, *, out, grid, name):
     the kernel writes only the rows it owns). plgpu.kernel wraps its body in a custom_vmap
     that does not take Refs, so this calls pl.kernel on a Mosaic GPU mesh itself."""
     plgpu = _plgpu()
-    mesh = plgpu.Mesh(grid=grid, grid_names=(_TILE, _HEAD), num_threads=CONSUMERS + 1,
+    mesh = plgpu.Mesh(grid=grid, grid_names=(_TILE, _HEAD)[:len(grid)],
+                      num_threads=CONSUMERS + 1,
                       thread_name=_WG)
     params = plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
                                   lowering_semantics=getattr(plgpu.LoweringSemantics, SEMANTICS))
@@ -392,18 +505,22 @@ def _launch(kernel, args, *, out, grid, name):
 
 def paged_sparse_attention_mosaic_union(spec: SparseAttentionSpec, query, kv_cache,
                                         topk_indices, token_to_req, token_positions,
-                                        block_table, *, token_mask=None, max_union=None,
-                                        out=None, num_stages: int | None = None,
-                                        pingpong: bool = True,
+                                        block_table, k_scale=None, v_scale=None, *,
+                                        token_mask=None, max_union=None, out=None,
+                                        num_stages: int | None = None, pingpong: bool = True,
+                                        programs: int | None = None,
+                                        softmax_fence: bool = False,
                                         chunk_tokens: int | None = None):
     """Union attention of the rows in token_mask on the Mosaic GPU union kernel; inputs
-    already validated (as `attention.paged_sparse_attention` takes them; a 16-bit cache:
-    see `unsupported_reason`). Builds the kernel whatever the platform (it lowers for CUDA
-    without a GPU); running it needs a Hopper GPU.
+    already validated (as `attention.paged_sparse_attention` takes them; see
+    `unsupported_reason` for what it takes). Builds the kernel whatever the platform (it
+    lowers for CUDA without a GPU); running it needs a Hopper GPU.
 
     Args:
       query: [num_tokens, num_heads, head_size] bfloat16 / float16.
-      kv_cache: the physical cache in spec.kv_cache_layout (16-bit).
+      kv_cache: the physical cache in spec.kv_cache_layout (16-bit or FP8).
+      k_scale / v_scale: an FP8 cache's scales: None or a scalar ([1] float32); per-slot
+        scales are a ValueError (`unsupported_reason`).
       topk_indices: [num_kv_heads, >= num_tokens, topk_blocks] int32.
       token_to_req / token_positions: [num_tokens] int32 (position -1: padding, zeros).
       block_table: [num_reqs, max_blocks] int32.
@@ -414,22 +531,36 @@ def paged_sparse_attention_mosaic_union(spec: SparseAttentionSpec, query, kv_cac
         the rows computed here are kept (None: zeros).
       num_stages: K/V pages in flight (default STAGES).
       pingpong: the two consumers alternate on the tensor cores (FA3's schedule barrier).
+      programs: None (default): one program per (tile, KV head); an int: a persistent grid
+        of that many programs (the SM count: one fits an SM) walking the work items, the
+        ring running on across items so that one item's first pages arrive while the last
+        one computes.
+      softmax_fence: an optimization barrier on the softmax's results before the consumer
+        says "softmax done" (attention_mgpu.py does this for head_size <= 128, where it
+        measured faster: the compiler cannot sink the rescale and the row sums past the
+        ping-pong barrier into the other consumer's turn).
       chunk_tokens: tokens per plan and launch (default: `interop.tiling`'s plan budget; a
         smaller value tests the chunk loop).
     Returns: (out, left): out [num_tokens, num_heads, head_size] in the query dtype; left
       bool [num_tokens], the rows of token_mask left to another path.
     """
-    reason = unsupported_reason(spec, kv_cache.dtype)
+    per_slot = k_scale is not None and jnp.ndim(k_scale) == 2
+    reason = unsupported_reason(spec, kv_cache.dtype, per_slot_scales=per_slot)
     if reason is not None:
         raise ValueError(reason)
+    if programs is not None and programs < 1:
+        raise ValueError(f"programs ({programs}) must be None or a positive count")
     num_tokens, num_heads, head_size = query.shape
     num_kv_heads, topk, group = spec.num_kv_heads, spec.topk_blocks, spec.num_queries_per_kv
     block_size = spec.block_size
     tokens, moved, per_consumer = tile_geometry(group)
     stages = num_stages or STAGES
-    if stages < 1 or smem_bytes(stages, head_size=head_size, block_size=block_size) > SMEM_BYTES:
-        raise ValueError(f"num_stages {stages} needs {smem_bytes(stages)} bytes of shared "
-                         f"memory; at most {SMEM_BYTES} are available (1 to {MAX_STAGES})")
+    fp8 = jnp.dtype(kv_cache.dtype).itemsize == 1
+    need = smem_bytes(stages, head_size=head_size, block_size=block_size, fp8=fp8)
+    if stages < 1 or need > SMEM_BYTES:
+        raise ValueError(f"num_stages {stages} needs {need} bytes of shared memory with a "
+                         f"{jnp.dtype(kv_cache.dtype).name} cache; at most {SMEM_BYTES} are "
+                         f"available (1 to {MAX_STAGES_FP8 if fp8 else MAX_STAGES})")
     if token_mask is None:
         token_mask = jnp.ones((num_tokens,), bool)
     if out is None:
@@ -448,9 +579,13 @@ def paged_sparse_attention_mosaic_union(spec: SparseAttentionSpec, query, kv_cac
     kernel = functools.partial(
         _kernel, layout=spec.kv_cache_layout, block_size=block_size, stages=stages,
         tile_tokens=tokens, moved=moved, per_consumer=per_consumer, chunk=n,
-        score_scale=spec.scale * LOG2E, pingpong=pingpong)
+        score_scale=spec.scale * LOG2E, pingpong=pingpong, softmax_fence=softmax_fence,
+        programs=None if programs is None else min(programs, num_tiles * num_kv_heads))
+    grid = (num_tiles, num_kv_heads) if programs is None else (kernel.keywords["programs"],)
     name = (f"sparse_attention_mosaic_union_{spec.kv_cache_layout}_g{group}_s{stages}"
-            f"{'_pp' if pingpong else ''}")
+            f"{'_pp' if pingpong else ''}{'_fp8' if fp8 else ''}"
+            f"{'' if programs is None else '_persistent'}{'_fence' if softmax_fence else ''}")
+    scales = scalar_scales(k_scale, v_scale)
 
     def run_chunk(i, carry):
         out4, left = carry
@@ -464,8 +599,8 @@ def paged_sparse_attention_mosaic_union(spec: SparseAttentionSpec, query, kv_cac
                           max_union=max_union)
         left = lax.dynamic_update_slice_in_dim(left, plan.left, first, 0)
         args = (first[None], plan.size, plan.page, plan.block, plan.token_bits, plan.keys,
-                plan.owned, plan.rows, q4, kv_cache)
-        out4 = _launch(kernel, args, out=out4, grid=(num_tiles, num_kv_heads), name=name)
+                plan.owned, plan.rows, scales, q4, kv_cache)
+        out4 = _launch(kernel, args, out=out4, grid=grid, name=name)
         return out4, left
 
     carry = (grouped(out), jnp.zeros((num_tokens,), bool))

@@ -4,11 +4,14 @@ CPU (no interpreter: Mosaic GPU's is private and does not take these kernels): t
 the per-entry key counts and the chunk plan against a NumPy derivation of the contract (every
 (token, KV head, page, key) the kernel's masks let through is exactly what the contract
 attends; V rows past the entry's key count are attended by no row), the dispatcher's choice of
-kernels, the shared-memory budget, and the real kernel lowered for CUDA (layouts, 16-bit
-dtypes, GQA groups, pipeline depths, with and without ping-pong).
+kernels (`dispatch.HOPPER_AUTO`, also lowered for CUDA), the shared-memory budget, and the
+real kernel lowered for CUDA (layouts, 16-bit and FP8 caches, GQA groups, pipeline depths,
+with and without ping-pong, the persistent grid and the softmax fence).
 GPU (`gpu`, Hopper): parity with the float64 reference (mixed batches, junk entries and block
 table rows, NaN in every unattended slot, empty rows, padding, NaN query rows, both layouts,
-several chunks) and, at 16k tokens, "auto" against the float32 device reference.
+several chunks, FP8 caches with and without scalar scales, the variant knobs) and, at 16k
+tokens, "auto" (bf16 and FP8; FP8 per-slot scales routed to the token kernels) against the
+float32 device reference.
 """
 import dataclasses
 
@@ -42,9 +45,10 @@ def test_tile_geometry(group, expected):
 
 def test_unsupported_reasons():
     spec = interop.SparseAttentionSpec(64, 4)
-    assert mosaic_union.unsupported_reason(spec, jnp.bfloat16) is None
-    assert mosaic_union.unsupported_reason(spec, jnp.float16) is None
-    assert "FP8" in mosaic_union.unsupported_reason(spec, jnp.float8_e4m3fn)
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float8_e4m3fn, jnp.float8_e5m2):
+        assert mosaic_union.unsupported_reason(spec, dtype) is None, dtype
+    assert "per-slot" in mosaic_union.unsupported_reason(spec, jnp.float8_e4m3fn,
+                                                         per_slot_scales=True)
     assert "GQA group of 128" in mosaic_union.unsupported_reason(
         interop.SparseAttentionSpec(128, 1), jnp.bfloat16)
 
@@ -53,6 +57,8 @@ def test_shared_memory_budget():
     assert mosaic_union.smem_bytes(mosaic_union.STAGES) <= mosaic.SMEM_BYTES
     assert mosaic_union.smem_bytes(mosaic_union.MAX_STAGES) <= mosaic.SMEM_BYTES
     assert mosaic_union.smem_bytes(mosaic_union.MAX_STAGES + 1) > mosaic.SMEM_BYTES
+    assert mosaic_union.smem_bytes(mosaic_union.MAX_STAGES_FP8, fp8=True) <= mosaic.SMEM_BYTES
+    assert mosaic_union.smem_bytes(mosaic_union.MAX_STAGES_FP8 + 1, fp8=True) > mosaic.SMEM_BYTES
     spec = interop.SparseAttentionSpec(64, 4, topk_blocks=16)
     sds, i32 = jax.ShapeDtypeStruct, jnp.int32
     args = (sds((16, 64, 128), jnp.bfloat16), sds(spec.physical_kv_cache_shape(8), jnp.bfloat16),
@@ -60,6 +66,15 @@ def test_shared_memory_budget():
     with pytest.raises(ValueError, match=r"num_stages 4 needs \d+ bytes of shared memory"):
         jax.eval_shape(lambda *a: mosaic_union.paged_sparse_attention_mosaic_union(
             spec, *a, num_stages=4), *args)
+    fp8 = interop.SparseAttentionSpec(64, 4, topk_blocks=16, kv_cache_dtype="fp8")
+    args8 = (args[0], sds(fp8.physical_kv_cache_shape(8), jnp.float8_e4m3fn), *args[2:])
+    with pytest.raises(ValueError, match=r"num_stages 3 needs \d+ bytes .* float8_e4m3fn"):
+        jax.eval_shape(lambda *a: mosaic_union.paged_sparse_attention_mosaic_union(
+            fp8, *a, num_stages=3), *args8)
+    per_slot = sds((4, 8 * 128), jnp.float32)
+    with pytest.raises(ValueError, match="per-slot k_scale"):
+        jax.eval_shape(lambda *a: mosaic_union.paged_sparse_attention_mosaic_union(
+            fp8, *a), *args8, per_slot, per_slot)
 
 
 @pytest.mark.parametrize("group", [16, 4, 24, 1])
@@ -171,7 +186,18 @@ def test_mosaic_prefill_path():
     assert path(spec, small, jnp.bfloat16, "union") == "union"
     assert path(spec, big, jnp.float16, "token") == "token"
     assert path(spec, big, jnp.bfloat16, "k2q") == "token"
-    assert path(spec, big, jnp.float8_e4m3fn, "union") == "token"  # FP8: the token kernel
+    assert path(spec, big, jnp.float8_e4m3fn, "union") == "union"
+    assert path(spec, big, jnp.float8_e5m2, "auto") == "capped"
+    # Per-slot FP8 scales: the token kernel.
+    per_slot = jnp.ones((4, 8 * 128), jnp.float32)
+    assert path(spec, big, jnp.float8_e4m3fn, "union", per_slot) == "token"
+    assert path(spec, big, jnp.float8_e4m3fn, "auto", jnp.ones((1,), jnp.float32)) == "capped"
+    assert dispatch.cache_class(jnp.float8_e5m2, per_slot) == "fp8-per-slot"
+    # FP8 (scalar or no scale) goes to the Mosaic union kernel under "pallas" too; per-slot
+    # scales stay on the Triton-backend union (HOPPER_AUTO).
+    assert not dispatch.hopper_union(spec, jnp.float8_e4m3fn, False, per_slot)
+    assert not dispatch.hopper_union(spec, jnp.float8_e4m3fn, True)  # interpreted
+    assert dispatch.hopper_union(spec, jnp.float8_e4m3fn, False) == mosaic.mosaic_available()
     assert path(interop.SparseAttentionSpec(128, 1), big, jnp.bfloat16, "union") == "token"
     with pytest.raises(ValueError, match="prefill_algorithm 'tiles' is unknown"):
         path(spec, big, jnp.bfloat16, "tiles")
@@ -209,34 +235,80 @@ def test_forced_mosaic_union_without_hopper_says_why(rng, algorithm):
         _run(problem, "mosaic", prefill_algorithm=algorithm)
 
 
+FP8_CACHES = {"fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+
+
 @needs_plgpu
-@pytest.mark.parametrize("heads, layout, dtype, stages, pingpong", [
-    ((64, 4), "NHD", "bfloat16", 2, True),
-    ((64, 4), "HND", "bfloat16", 2, True),
-    ((16, 1), "NHD", "float16", 2, True),
-    ((16, 1), "HND", "bfloat16", 3, True),
-    ((8, 2), "NHD", "bfloat16", 1, False),
-    ((48, 2), "HND", "float16", 2, False),
-    ((4, 4), "NHD", "bfloat16", 3, True),
-    ((128, 2), "HND", "bfloat16", 2, True),
-], ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else str(v))
-def test_union_lowers_for_cuda(heads, layout, dtype, stages, pingpong):
+@pytest.mark.parametrize("heads, layout, dtype, cache, stages, pingpong, knobs", [
+    ((64, 4), "NHD", "bfloat16", "auto", 2, True, {}),
+    ((64, 4), "HND", "bfloat16", "auto", 2, True, {}),
+    ((16, 1), "NHD", "float16", "auto", 2, True, {}),
+    ((16, 1), "HND", "bfloat16", "auto", 3, True, {}),
+    ((8, 2), "NHD", "bfloat16", "auto", 1, False, {}),
+    ((48, 2), "HND", "float16", "auto", 2, False, {}),
+    ((4, 4), "NHD", "bfloat16", "auto", 3, True, {}),
+    ((128, 2), "HND", "bfloat16", "auto", 2, True, {}),
+    ((64, 4), "NHD", "bfloat16", "auto", 2, True, {"programs": 7}),
+    ((16, 1), "HND", "bfloat16", "fp8_e4m3", 2, True, {"programs": 132}),
+    ((64, 4), "HND", "bfloat16", "auto", 2, True, {"softmax_fence": True}),
+    ((64, 4), "NHD", "bfloat16", "fp8_e4m3", 2, True, {"programs": 132, "softmax_fence": True}),
+    ((64, 4), "NHD", "bfloat16", "fp8_e4m3", 2, True, {}),
+    ((64, 4), "HND", "bfloat16", "fp8_e4m3", 2, True, {}),
+    ((64, 4), "NHD", "float16", "fp8_e5m2", 2, True, {}),
+    ((64, 4), "HND", "bfloat16", "fp8_e5m2", 1, False, {}),
+    ((16, 1), "NHD", "float16", "fp8_e4m3", 2, False, {}),
+    ((48, 2), "HND", "bfloat16", "fp8_e5m2", 2, True, {}),
+], ids=lambda v: "-".join(map(str, v)) if isinstance(v, tuple) else
+       "-".join(f"{k}={x}" for k, x in v.items()) if isinstance(v, dict) else str(v))
+def test_union_lowers_for_cuda(heads, layout, dtype, cache, stages, pingpong, knobs):
     """The real kernel (with its chunk plan and the aliased output) lowers through Pallas'
-    Mosaic GPU backend for CUDA, no GPU needed."""
-    spec = interop.SparseAttentionSpec(*heads, topk_blocks=16, kv_cache_dtype="auto",
+    Mosaic GPU backend for CUDA, no GPU needed: 16-bit and FP8 caches (scalar scales) in
+    both layouts, with the variant knobs (a persistent grid, the softmax fence)."""
+    spec = interop.SparseAttentionSpec(*heads, topk_blocks=16, kv_cache_dtype=cache,
                                        kv_cache_layout=layout)
     sds, i32 = jax.ShapeDtypeStruct, jnp.int32
+    cache_dtype = FP8_CACHES.get(cache, jnp.dtype(dtype))
     args = (sds((40, heads[0], 128), jnp.dtype(dtype)),
-            sds(spec.physical_kv_cache_shape(40), jnp.dtype(dtype)),
+            sds(spec.physical_kv_cache_shape(40), cache_dtype),
             sds((heads[1], 40, 16), i32), sds((40,), i32), sds((40,), i32), sds((2, 20), i32))
+    if cache in FP8_CACHES:
+        args += (sds((1,), jnp.float32),) * 2
 
     def call(*a):
         return mosaic_union.paged_sparse_attention_mosaic_union(
-            spec, *a, max_union=24, num_stages=stages, pingpong=pingpong, chunk_tokens=24)
+            spec, *a, max_union=24, num_stages=stages, pingpong=pingpong, chunk_tokens=24,
+            **knobs)
 
     text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 1, "no Mosaic GPU kernel in the CUDA lowering"
     assert "output_operand_alias" in text, "the output is not aliased in place"
+
+
+@needs_plgpu
+@pytest.mark.parametrize("cache, scale_mode", [("auto", "none"), ("fp8_e4m3", "scalar"),
+                                               ("fp8_e5m2", "per_slot")])
+def test_hopper_auto_lowers_for_cuda(monkeypatch, cache, scale_mode):
+    """The default implementation's "auto" as it runs on Hopper (`HOPPER_AUTO`): the Mosaic
+    union kernel (16-bit, FP8 with a scalar scale) beside the Triton-backend token kernel,
+    or (per-slot FP8 scales) the Triton-backend union; lowered for CUDA."""
+    monkeypatch.setattr(mosaic, "mosaic_available", lambda: True)
+    spec = interop.SparseAttentionSpec(64, 4, topk_blocks=16, kv_cache_dtype=cache)
+    n = interop.tiling.UNION_MIN_TOKENS
+    sds, i32 = jax.ShapeDtypeStruct, jnp.int32
+    dtype = FP8_CACHES.get(cache, jnp.bfloat16)
+    args = [sds((n, 64, 128), jnp.bfloat16), sds(spec.physical_kv_cache_shape(64), dtype),
+            sds((4, n, 16), i32), sds((n,), i32), sds((n,), i32), sds((4, 64), i32)]
+    args += {"none": [None, None], "scalar": [sds((1,), jnp.float32)] * 2,
+             "per_slot": [sds((4, 64 * 128), jnp.float32)] * 2}[scale_mode]
+
+    def call(*a):
+        return dispatch.sparse_attention_pallas(spec, *a, num_decode_tokens=jnp.int32(3),
+                                                interpret=False)
+
+    text = jax.jit(call).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    mosaic_union_kernel = "sparse_attention_mosaic_union" in text
+    assert mosaic_union_kernel == (scale_mode != "per_slot"), (cache, scale_mode)
+    assert "triton" in text.lower(), "no Triton-backend kernel beside it"
 
 
 # --- GPU: compiled Mosaic GPU kernels ---------------------------------------------------------
@@ -268,6 +340,57 @@ def test_gpu_union_mixed_batch_poisoned(rng, heads, layout):
 
 @pytest.mark.gpu
 @needs_hopper
+@pytest.mark.parametrize("cache, scale_mode, query_dtype", [
+    ("fp8_e4m3", "scalar", "bfloat16"), ("fp8_e4m3", "none", "float16"),
+    ("fp8_e5m2", "scalar", "float16"), ("fp8_e5m2", "none", "bfloat16")])
+@pytest.mark.parametrize("layout", ["NHD", "HND"])
+def test_gpu_union_fp8_poisoned(rng, cache, scale_mode, query_dtype, layout):
+    """FP8 pages dequantized by the producer: the mixed batch of
+    test_gpu_union_mixed_batch_poisoned (junk top-k and block tables, NaN in every slot no
+    token may attend: FP8 NaN too) at 64/4 and 16/1, scalar scales folded in."""
+    for heads in [(64, 4), (16, 1)]:
+        problem = _problem(rng, cache, layout, heads, topk=16,
+                           query_lens=[1] * 3 + [150, 61, 9], seq_lens=[9000, 129, 2000, 4400,
+                                                                        300, 9],
+                           num_tokens=240, scatter=True, future_fraction=0.2,
+                           empty_fraction=0.05, rho=0.87, scale_mode=scale_mode,
+                           query_dtype=query_dtype)
+        problem.topk_indices = _garbage_topk(problem, rng)
+        poisoned = dataclasses.replace(problem)
+        poison_unused_slots(poisoned)
+        table = problem.metadata.block_table.copy()
+        table[0, 0], table[3, 1] = problem.kv_cache.shape[0] + 5, -3
+        problem.metadata = problem.metadata.replace(block_table=table)
+        ref = _reference(problem)
+        problem.kv_cache = poisoned.kv_cache
+        label = f"mosaic union {cache} {scale_mode} {query_dtype} {layout} {heads}"
+        _check(_run(problem, "mosaic", prefill_algorithm="union"), ref, label)
+        spec, *args = _kernel_args(problem)  # the kernel alone, persistent
+        out, left = mosaic_union.paged_sparse_attention_mosaic_union(
+            spec, *args, token_mask=jnp.arange(problem.query.shape[0]) >= 3, programs=16)
+        prefill = np.arange(problem.query.shape[0]) >= 3
+        assert not np.asarray(left).any()
+        _check(np.asarray(out, np.float64)[prefill], ref[prefill], label + " persistent")
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_gpu_fp8_per_slot_routes_to_token_kernel(rng):
+    """Per-slot scales do not fold: "union" and "auto" run them on the token kernels, and
+    the answer is the reference's."""
+    n = interop.tiling.UNION_MIN_TOKENS
+    problem = _problem(rng, "fp8_e4m3", "NHD", (64, 4), topk=16, query_lens=[1, n - 1],
+                       seq_lens=[3000, n + 500], rho=0.87, scale_mode="per_slot")
+    reference = _device_reference(problem)
+    assert not dispatch.hopper_union(problem.spec, jnp.float8_e4m3fn, None,
+                                     jnp.asarray(problem.k_scale))
+    for impl, algorithm in [("mosaic", "union"), ("mosaic", "auto"), ("pallas", "auto")]:
+        _check(_run(problem, impl, prefill_algorithm=algorithm), reference,
+               f"{impl} {algorithm} FP8 per-slot")
+
+
+@pytest.mark.gpu
+@needs_hopper
 @pytest.mark.parametrize("cache", ["float16", "auto"])
 def test_gpu_union_nan_query_rows_and_empty_rows(rng, cache):
     """A NaN / Inf query row that attends a key gives NaN; one that attends nothing gives
@@ -289,11 +412,15 @@ def test_gpu_union_nan_query_rows_and_empty_rows(rng, cache):
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("stages, pingpong, chunk", [(1, True, None), (3, True, 40),
-                                                     (2, False, 24), (3, False, None)])
-def test_gpu_union_pipeline_and_chunks(rng, stages, pingpong, chunk):
-    """Ring depths 1-3, with and without ping-pong; chunks of 24 / 40 tokens (the last one
-    overlapping the one before); a cap leaving some tiles out (their rows keep `out`)."""
+@pytest.mark.parametrize("stages, pingpong, chunk, programs, fence", [
+    (1, True, None, None, False), (3, True, 40, None, False), (2, False, 24, None, False),
+    (3, False, None, None, False), (2, True, None, 5, False), (1, True, 40, 3, True),
+    (3, False, None, 132, False), (2, True, 24, None, True)])
+def test_gpu_union_pipeline_and_chunks(rng, stages, pingpong, chunk, programs, fence):
+    """Ring depths 1-3, with and without ping-pong and the softmax fence, one program per
+    item or persistent;
+    chunks of 24 / 40 tokens (the last one overlapping the one before); a cap leaving some
+    tiles out (their rows keep `out`)."""
     problem = _problem(rng, "auto", "NHD", (16, 1), topk=16, query_lens=[1, 130, 70],
                        seq_lens=[5000, 3000, 900], scatter=True, future_fraction=0.2,
                        empty_fraction=0.05, rho=0.87)
@@ -303,29 +430,33 @@ def test_gpu_union_pipeline_and_chunks(rng, stages, pingpong, chunk):
     sentinel = jnp.full(problem.query.shape, 7.0, problem.query.dtype)
     out, left = mosaic_union.paged_sparse_attention_mosaic_union(
         spec, *args[:6], token_mask=mask, max_union=20, out=sentinel, num_stages=stages,
-        pingpong=pingpong, chunk_tokens=chunk)
+        pingpong=pingpong, programs=programs, softmax_fence=fence, chunk_tokens=chunk)
     out, left = np.asarray(out, np.float64), np.asarray(left)
     ref = _reference(problem)
     done = np.asarray(mask) & ~left
     assert left.any() and done.any(), "weak problem: no tile on each side of the cap"
     assert (out[~done] == 7.0).all(), "rows outside the kernel's tiles were written"
-    _check(out[done], ref[done], f"mosaic union stages={stages} pingpong={pingpong}")
+    _check(out[done], ref[done],
+           f"mosaic union stages={stages} pingpong={pingpong} programs={programs} "
+           f"fence={fence}")
 
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
-def test_gpu_auto_16k_against_device_reference(rng, layout):
+@pytest.mark.parametrize("layout, cache", [("NHD", "auto"), ("HND", "auto"),
+                                           ("HND", "fp8_e4m3")])
+def test_gpu_auto_16k_against_device_reference(rng, layout, cache):
     """"auto" at UNION_MIN_TOKENS tokens (decodes first): small-union tiles on the union
     kernel, the rest and the decodes on the token kernel."""
     n = interop.tiling.UNION_MIN_TOKENS
-    problem = _problem(rng, "auto", layout, (64, 4), topk=16, query_lens=[1] * 4 + [n - 4],
-                       seq_lens=[9000, 129, 2000, 300, n + 1000], rho=0.87)
+    problem = _problem(rng, cache, layout, (64, 4), topk=16, query_lens=[1] * 4 + [n - 4],
+                       seq_lens=[9000, 129, 2000, 300, n + 1000], rho=0.87,
+                       scale_mode="scalar" if cache != "auto" else "none")
     reference = _device_reference(problem)
     out = _run(problem, "mosaic", prefill_algorithm="auto")
-    _check(out, reference, f"mosaic auto 16k {layout}")
+    _check(out, reference, f"mosaic auto 16k {layout} {cache}")
     # The default implementation on Hopper: the Mosaic union kernel for small-union tiles,
     # the Triton-backend token kernel for the other rows (dispatch.hopper_union).
-    assert dispatch.hopper_union(problem.spec, jnp.bfloat16, None)
+    assert dispatch.hopper_union(problem.spec, problem.kv_cache.dtype, None)
     out = _run(problem, "pallas", prefill_algorithm="auto")
-    _check(out, reference, f"pallas auto 16k {layout} (Mosaic union tiles)")
+    _check(out, reference, f"pallas auto 16k {layout} {cache} (Mosaic union tiles)")
