@@ -2,6 +2,8 @@
 forced and "auto" (both of its leftover paths) on mixed decode + prefill batches (interpreted
 on a CPU), `plan_union` against a NumPy union, the token kernel's token mask, bad algorithm
 names, and the union kernel compiled for sm_90 (wgmma)."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -69,8 +71,9 @@ def _check(out, problem, case):
 
 
 def _auto_split(monkeypatch, problem, leftover):
-    """Make "auto" plan every prefill and give the tiles below the largest union to the union kernel;
-    leftover: "k2q" or "token" takes the rest. Returns (union tiles, other tiles)."""
+    """Make "auto" plan every prefill and give the tiles below the largest union to the union
+    kernel (FP8 caches too); leftover: "k2q" or "token" takes the rest. Returns (union tiles,
+    other tiles)."""
     spec = problem.spec
     group = spec.num_heads // spec.num_kv_heads
     t = _torch(problem)
@@ -81,22 +84,26 @@ def _auto_split(monkeypatch, problem, leftover):
                             first_token=problem.metadata.num_decode_tokens)
     sizes = plan.tile_size.cpu().numpy()
     limit = int(sizes[sizes < sizes.max()].max(initial=0))
-    monkeypatch.setattr(dispatch, "UNION_MIN_TOKENS", 0)
-    monkeypatch.setattr(dispatch, "UNION_MAX_SHARE", (limit + 0.5) / (tokens * spec.topk_blocks))
-    monkeypatch.setattr(dispatch, "K2Q_MIN_TOKENS", 0 if leftover == "k2q" else 1 << 30)
-    assert dispatch.max_union(group, spec.topk_blocks) == limit
+    share = (limit + 0.5) / (tokens * spec.topk_blocks)
+    rule = dataclasses.replace(dispatch.PREFILL_RULE, union_min_tokens=0, union_share=share,
+                               fp8_union_share=share,
+                               k2q_min_tokens=0 if leftover == "k2q" else None)
+    monkeypatch.setattr(dispatch, "PREFILL_RULE", rule)
+    assert rule.max_union(group, spec.topk_blocks, spec.is_fp8) == limit
     return int((sizes <= limit).sum()), int((sizes > limit).sum())
 
 
 # The union path with every case (the messy and the correlated selection taking turns); k2q
 # through the dispatcher with a 16-bit and an FP8 case (tests/test_torch_k2q.py runs its
 # launcher with every case); "auto" split between the union kernel and either leftover path
-# with both 16-bit storage dtypes, and an FP8 case, which "auto" keeps on the token kernel.
+# with both 16-bit storage dtypes and both FP8 dtypes; "auto-fp8token": a rule that keeps FP8
+# caches on the token kernel.
 PATHS = ([("union", c, ("messy", "correlated")[i % 2]) for i, c in enumerate(CASES)]
          + [("k2q", CASES[1], "correlated"), ("k2q", CASES[5], "messy")]
          + [("auto-k2q", CASES[0], "correlated"), ("auto-token", CASES[0], "messy"),
             ("auto-k2q", CASES[3], "messy"), ("auto-token", CASES[1], "correlated"),
-            ("auto-token", CASES[4], "correlated")])
+            ("auto-token", CASES[4], "correlated"), ("auto-k2q", CASES[7], "messy"),
+            ("auto-fp8token", CASES[6], "correlated")])
 
 
 @pytest.mark.parametrize("algorithm,case,selection", PATHS, ids=lambda c: str(c))
@@ -105,16 +112,19 @@ def test_prefill_algorithm_matches_reference(rng, monkeypatch, algorithm, case, 
     cache, layout, scale_mode, qdtype, heads = case
     problem = _problem(rng, _spec(heads, cache, layout), selection, scale_mode, qdtype)
     case = f"{algorithm} {cache}/{layout}/{scale_mode}/{qdtype} heads={heads} {selection}"
+    if algorithm == "auto-fp8token":
+        _auto_split(monkeypatch, problem, "k2q")
+        monkeypatch.setattr(dispatch, "PREFILL_RULE", dataclasses.replace(
+            dispatch.PREFILL_RULE, fp8_union_share=None))
+
+        def elsewhere(*args, **kwargs):
+            raise AssertionError(f"{case}: not the token kernel")
+        monkeypatch.setattr(dispatch, "launch_union", elsewhere)
+        monkeypatch.setattr(dispatch, "launch_k2q", elsewhere)
+        _check(_run(problem, "auto"), problem, case)
+        return
     if algorithm.startswith("auto"):
         tiles = _auto_split(monkeypatch, problem, algorithm.split("-")[1])
-        if cache.startswith("fp8"):
-            # FP8 caches stay on the token kernel under "auto" (dispatch.py says why).
-            def elsewhere(*args, **kwargs):
-                raise AssertionError(f"{case}: not the token kernel")
-            monkeypatch.setattr(dispatch, "launch_union", elsewhere)
-            monkeypatch.setattr(dispatch, "launch_k2q", elsewhere)
-            _check(_run(problem, "auto"), problem, case)
-            return
         assert min(tiles) > 0, f"{case}: auto must use both paths, got {tiles} tiles"
         algorithm = "auto"
     _check(_run(problem, algorithm), problem, case)
@@ -123,7 +133,7 @@ def test_prefill_algorithm_matches_reference(rng, monkeypatch, algorithm, case, 
 @pytest.mark.parametrize("algorithm", ["token", "auto"])
 def test_token_and_small_auto(rng, algorithm):
     """"token" and "auto" below UNION_MIN_TOKENS: one token-kernel launch, as always."""
-    assert sum(QUERY_LENS) < dispatch.UNION_MIN_TOKENS
+    assert sum(QUERY_LENS) < dispatch.PREFILL_RULE.union_min_tokens
     problem = _problem(rng, _spec((8, 2), "fp8_e4m3", "HND"), "messy", "per_slot")
     _check(_run(problem, algorithm), problem, algorithm)
 
