@@ -9,7 +9,7 @@ x selection (random, rho0.87); one selection per (heads, shape, selection) serve
 Each row checks every call against the token kernel on sampled rows (outputs poisoned with
 NaN), then times forced token / union / k2q and "auto" under the committed rule (the one
 `torch_sparse.dispatch.PREFILL_RULE` holds) and each of `candidates` (swapped in as
-PREFILL_RULE), cold L2, plans included.
+PREFILL_RULE), cold L2, plans included; and the union plan alone (`plan_union`).
 
 How to pick: a rule passes when, on every row, it is at least 0.97x the fastest forced path and
 at least 0.98x the token kernel (noise). The summary prints each rule's worst ratios and picks
@@ -76,7 +76,9 @@ def prefill_rule(rule):
 
 
 def time_row(heads, cache, shape, sel, rules, topk, rng, rep_ms):
-    """{"ms": {call: ms}, "tflops": {...}} of one row; the case's selection for reuse."""
+    """{"ms": {call: ms}, "plan_ms": the union plan alone, "tflops": {call: useful TFLOP/s}}
+    of one row, and the case's selection for reuse."""
+    from torch_sparse.union import plan_union, tile_tokens
     nh, nkv = map(int, heads.split("/"))
     spec = interop.SparseAttentionSpec(num_heads=nh, num_kv_heads=nkv,
                                        topk_blocks=4 if SMOKE else 16, kv_cache_dtype=cache)
@@ -98,8 +100,12 @@ def time_row(heads, cache, shape, sel, rules, topk, rng, rep_ms):
                 raise AssertionError(f"{heads} {cache} {shape} {sel} {name}: error {err:.2e} "
                                      f"against the token kernel (limit {ERR_LIMIT})")
             ms[name] = torch_cold_ms(fn, rep_ms=rep_ms)
-    return {"ms": ms, "tflops": {k: case.flops / (v * 1e-3) / 1e12 for k, v in ms.items()}}, \
-        case.topk_np
+    md = case.t_md
+    plan_ms = torch_cold_ms(lambda: plan_union(
+        case.topk, md.block_table, md.token_to_req, md.token_positions, case.cache.shape[0],
+        tile_tokens=tile_tokens(nh // nkv)), rep_ms=rep_ms)
+    return {"ms": ms, "plan_ms": plan_ms,
+            "tflops": {k: case.flops / (v * 1e-3) / 1e12 for k, v in ms.items()}}, case.topk_np
 
 
 def summary(results, rules):
@@ -156,7 +162,9 @@ def main(argv=None):
         row.update(heads=heads, cache=cache, shape=shape, selection=sel)
         results.append(row)
         print(f"{heads} {cache} {shape} {sel} [{time.perf_counter() - start:.0f} s]: "
-              + ", ".join(f"{k} {v:.0f}" for k, v in row["tflops"].items()), flush=True)
+              + ", ".join(f"{k} {v:.0f}" for k, v in row["tflops"].items())
+              + f"; plan {row['plan_ms']:.3f} ms of union's {row['ms']['union']:.3f}",
+              flush=True)
         with open(os.path.join(args.out, "auto_rule.json"), "w") as f:
             json.dump({"rules": {k: dataclasses.asdict(v) for k, v in rules.items()},
                        "rows": results}, f, indent=1)
