@@ -1,7 +1,8 @@
 """Time PyTorch's prefill "auto" rule against every forced path and against candidate rules.
 
     python benchmarks/auto_rule.py --out DIR                  # GPU: 16 rows, about 2-3 min
-    python benchmarks/auto_rule.py --match '64k' --out DIR    # a subset of the rows
+    python benchmarks/auto_rule.py --match '^64/4' --out A    # a subset of the rows, then
+    python benchmarks/auto_rule.py --merge A/auto_rule.json B/auto_rule.json --out DIR
     python benchmarks/auto_rule.py --smoke --out DIR          # CPU: one tiny row, interpreted
 
 Rows: heads (64/4, 16/1) x cache (bf16, fp8_e4m3) x shape (16k, 64k; --shapes adds 4x2k+8k)
@@ -130,6 +131,12 @@ def summary(results, rules):
     return lines
 
 
+def write(out, rules, results):
+    """auto_rule.json: the rules' fields and the rows measured so far."""
+    with open(os.path.join(out, "auto_rule.json"), "w") as f:
+        json.dump({"rules": rules, "rows": results}, f, indent=1)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
@@ -138,9 +145,18 @@ def main(argv=None):
     ap.add_argument("--match", default=None, help="regex on 'heads cache shape selection'")
     ap.add_argument("--rules", default=None, help="comma-separated rule names (default: all)")
     ap.add_argument("--rep-ms", type=int, default=100)
+    ap.add_argument("--merge", nargs="+", default=None,
+                    help="auto_rule.json files of earlier runs: their rows, one summary")
     args = ap.parse_args(argv)
-    import torch_sparse.dispatch as dispatch
     os.makedirs(args.out, exist_ok=True)
+    if args.merge:
+        runs = [json.load(open(path)) for path in args.merge]
+        names = [name for name in runs[0]["rules"] if all(name in r["rules"] for r in runs)]
+        results = [row for r in runs for row in r["rows"]]
+        write(args.out, runs[0]["rules"], results)
+        print("\n".join(summary(results, names)))
+        return
+    import torch_sparse.dispatch as dispatch
     rows = [(h, c, s, sel) for h in ("64/4", "16/1") for s in args.shapes.split(",")
             for sel in SELECTIONS for c in ("bfloat16", "fp8_e4m3")]
     if SMOKE:
@@ -165,9 +181,7 @@ def main(argv=None):
               + ", ".join(f"{k} {v:.0f}" for k, v in row["tflops"].items())
               + f"; plan {row['plan_ms']:.3f} ms of union's {row['ms']['union']:.3f}",
               flush=True)
-        with open(os.path.join(args.out, "auto_rule.json"), "w") as f:
-            json.dump({"rules": {k: dataclasses.asdict(v) for k, v in rules.items()},
-                       "rows": results}, f, indent=1)
+        write(args.out, {k: dataclasses.asdict(v) for k, v in rules.items()}, results)
     print("\nuseful TFLOP/s above; per rule, worst ratios over the rows "
           f"(pass: >= {PASS_BEST} of the fastest forced path, >= {PASS_TOKEN} of token):")
     print("\n".join(summary(results, rules)))

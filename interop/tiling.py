@@ -5,8 +5,7 @@ Each front end's kernels take these numbers as compile-time constants; keeping t
 the PyTorch-Triton and the JAX-Pallas kernels agree on what a tile is, and a threshold measured
 for one front end sits beside the other's, not in a second copy.
 
-Prefill dispatch under prefill_algorithm="auto" (a `PrefillThresholds` per front end; 64/4 heads,
-top-16):
+Prefill dispatch under prefill_algorithm="auto" (64/4 heads, top-16):
 
 | rule                                   | torch_sparse (Triton)   | jax_sparse (Pallas)     |
 |----------------------------------------|-------------------------|-------------------------|
@@ -15,7 +14,7 @@ top-16):
 | tiles left by "union" go to            | the token kernel        | the token kernel        |
 | FP8 caches: union share                | 0.375 (as bf16)         | 0.25 (as bf16)          |
 
-torch_sparse's row is `torch_sparse.dispatch.PREFILL_RULE` (benchmarks/auto_rule.py times it
+torch_sparse's column is `torch_sparse.dispatch.PREFILL_RULE` (benchmarks/auto_rule.py times it
 against candidates); jax_sparse keeps its constants in `jax_sparse.dispatch`.
 """
 from __future__ import annotations
