@@ -130,6 +130,39 @@ def test_prefill_algorithm_matches_reference(rng, monkeypatch, algorithm, case, 
     _check(_run(problem, algorithm), problem, case)
 
 
+# UnionConfig.fp8_dot rounds queries and probabilities to e4m3 (3 mantissa bits): interpreted,
+# 0.052-0.073 relative error against the float64 reference (the default path: 0.003).
+FP8_DOT_TOL = 0.1
+
+
+@pytest.mark.parametrize("heads,scale_mode", [((16, 1), "none"), ((8, 2), "scalar")])
+def test_union_fp8_dot_matches_reference(rng, heads, scale_mode):
+    """The FP8 tensor-core path of the union kernel (prefill rows; decodes on the token
+    kernel), within its own measured tolerance; a per-slot v_scale or an e5m2 cache is a
+    ValueError before any launch."""
+    problem = _problem(rng, _spec(heads, "fp8_e4m3", "HND"), "correlated", scale_mode)
+    t = _torch(problem)
+    md = t["metadata"]
+    scales = {k: None if t[k] is None else torch.as_tensor(t[k], dtype=torch.float32)
+              for k in ("k_scale", "v_scale")}
+    out = torch.full_like(t["query"], float("nan"))
+    args = (t["query"], t["kv_cache"], t["topk"], md.block_table, md.token_to_req,
+            md.token_positions, out, problem.spec.scale)
+    config = union.UnionConfig(fp8_dot=True)
+    dispatch.sparse_attention(*args, **scales, first_prefill_token=md.num_decode_tokens,
+                              prefill_algorithm="union", union_config=config)
+    err = relative_error(out, _reference(problem))
+    assert err < FP8_DOT_TOL, f"fp8_dot {heads} {scale_mode}: error {err:.3e}"
+    per_slot = torch.ones(problem.spec.num_kv_heads, t["kv_cache"].shape[0] * 128)
+    with pytest.raises(ValueError, match="scalar v_scale"):
+        union.launch_union(*args, v_scale=per_slot, config=config)
+    with pytest.raises(ValueError, match="fp8_e4m3"):
+        union.launch_union(*args[:1], t["kv_cache"].view(torch.float8_e5m2), *args[2:],
+                           config=config)
+    with pytest.raises(TypeError, match="fp8_dot"):
+        union.UnionConfig(fp8_dot=1)
+
+
 @pytest.mark.parametrize("algorithm", ["token", "auto"])
 def test_token_and_small_auto(rng, algorithm):
     """"token" and "auto" below UNION_MIN_TOKENS: one token-kernel launch, as always."""
@@ -280,12 +313,15 @@ def _compile_for_sm90():
     from triton.compiler import ASTSource
 
     kernel = union._union_attn_kernel
-    for cache_dtype in ("bf16", "fp8e4nv"):
-        fp8 = cache_dtype != "bf16"
+    for case in ("bf16", "fp8e4nv", "fp8dot"):
+        cache_dtype = "bf16" if case == "bf16" else "fp8e4nv"
+        fp8, fp8_dot = case != "bf16", case == "fp8dot"
         constexprs = dict(GROUP=16, GROUP_PAD=16, TILE_TOKENS=8, HEAD_SIZE=128,
-                          BLOCK_SIZE=128, ENTRIES=128, HAS_K_SCALE=fp8, HAS_V_SCALE=fp8,
-                          FP16_COMPUTE=fp8, DOT_DTYPE=tl.float16 if fp8 else tl.bfloat16,
-                          DYNAMIC_LOOP=True)
+                          BLOCK_SIZE=128, ENTRIES=128, HAS_K_SCALE=fp8,
+                          HAS_V_SCALE=fp8 and not fp8_dot, FP16_COMPUTE=fp8, FP8_DOT=fp8_dot,
+                          V_SCALE_AT_END=fp8_dot,
+                          DOT_DTYPE=tl.float8e4nv if fp8_dot else tl.float16 if fp8
+                          else tl.bfloat16, DYNAMIC_LOOP=True)
         pointers = dict(q_ptr="*bf16", cache_ptr=f"*{cache_dtype}", positions_ptr="*i32",
                         out_ptr="*bf16", k_scale_ptr="*fp32", v_scale_ptr="*fp32")
         signature = {}
@@ -300,7 +336,8 @@ def _compile_for_sm90():
             ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
             target=GPUTarget("cuda", 90, 32),
             options=dict(num_warps=union.NUM_WARPS, num_stages=union.NUM_STAGES))
-        print(f"{cache_dtype} wgmma={'wgmma.mma_async' in compiled.asm['ptx']}")
+        ptx = compiled.asm["ptx"]
+        print(f"{case} wgmma={'wgmma.mma_async' in ptx} e4m3={'e4m3.e4m3' in ptx}")
 
 
 def _compile_plan_for_sm90():
@@ -326,5 +363,5 @@ def test_plan_kernel_compiles_for_sm90():
 def test_union_kernel_uses_wgmma_on_sm90():
     """Compiled (not interpreted) in a child process: the kernel must be a JIT function."""
     lines = run_without_interpreter("test_torch_union", "_compile_for_sm90")
-    for case in ("bf16", "fp8e4nv"):
-        assert f"{case} wgmma=True" in lines, f"{case}: no wgmma in the sm_90 PTX: {lines}"
+    for case, e4m3 in (("bf16", False), ("fp8e4nv", False), ("fp8dot", True)):
+        assert f"{case} wgmma=True e4m3={e4m3}" in lines, f"{case}: sm_90 PTX: {lines}"

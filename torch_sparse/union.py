@@ -33,7 +33,8 @@ from interop.tiling import union_tile_tokens as tile_tokens
 from interop.tiling import union_tokens_per_chunk as tokens_per_chunk
 
 from .triton_common import (INTERPRETED, LOG2_E, attend_block, check_knob, dot_dtype,
-                            entry_page, finish_rows, fp16_rows, scale_args, visible_blocks)
+                            entry_page, finish_rows, fp8_rows, fp16_rows, scale_args,
+                            visible_blocks)
 
 NUM_WARPS = 8
 NUM_STAGES = 3  # H100, 64/4, 16k correlated: 4.66 ms against 4.93 with 2 (4 overflows SMEM)
@@ -43,14 +44,25 @@ NUM_STAGES = 3  # H100, 64/4, 16k correlated: 4.66 ms against 4.93 with 2 (4 ove
 class UnionConfig:
     """The union kernel's launch knobs, in the spirit of JAX's `BlockSizes`: num_warps /
     num_stages, Triton's launch options (the tile shape follows the GQA group, `tile_tokens`,
-    and the plan depends on it, so it is no knob)."""
+    and the plan depends on it, so it is no knob).
+
+    fp8_dot (off by default; no public keyword yet, benchmarks/fp8_union.py measures it): the
+    FP8 tensor-core path for fp8_e4m3 caches: each query row rounded to e4m3 with a
+    power-of-two scale (`triton_common.fp8_rows`), K and V used as stored, p rounded to e4m3,
+    FP8 dots for q k^T and p v. A per-slot v_scale is a ValueError (a scalar one scales the
+    output); a larger error than the default path, which dequantizes to float16.
+    """
 
     num_warps: int = NUM_WARPS
     num_stages: int = NUM_STAGES
+    fp8_dot: bool = False
 
     def __post_init__(self):
         check_knob(self, "num_warps")
         check_knob(self, "num_stages")
+        if not isinstance(self.fp8_dot, bool):
+            raise TypeError(f"UnionConfig.fp8_dot must be a bool, got "
+                            f"{type(self.fp8_dot).__name__}")
 
     @classmethod
     def get_default(cls) -> "UnionConfig":
@@ -232,7 +244,8 @@ def _union_attn_kernel(
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TILE_TOKENS: tl.constexpr,
         HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, ENTRIES: tl.constexpr,
         HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, FP16_COMPUTE: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, DYNAMIC_LOOP: tl.constexpr):
+        FP8_DOT: tl.constexpr, V_SCALE_AT_END: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        DYNAMIC_LOOP: tl.constexpr):
     """Grid (num_tiles, num_kv_heads): the output rows of tile program_id(0).
 
     Row r is token first_token + tile * TILE_TOKENS + r // GROUP_PAD, query head
@@ -256,7 +269,9 @@ def _union_attn_kernel(
         q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh
                     + offs_d[None, :], mask=row_mask[:, None], other=0.0)
         row_scale = tl.full([TILE_TOKENS * GROUP_PAD], qk_scale, tl.float32)
-        if FP16_COMPUTE:
+        if FP8_DOT:
+            q, row_scale = fp8_rows(q, row_scale)
+        elif FP16_COMPUTE:
             q, row_scale = fp16_rows(q, row_scale)
 
         m_i = tl.full([TILE_TOKENS * GROUP_PAD], float("-inf"), tl.float32)
@@ -287,6 +302,8 @@ def _union_attn_kernel(
                         BLOCK_SIZE, HAS_K_SCALE, HAS_V_SCALE, DOT_DTYPE)
 
         # No valid entry (padding rows included): zeros; a non-finite query: NaN.
+        if V_SCALE_AT_END:  # FP8_DOT's scalar v_scale (p * v_scale could leave e4m3's range)
+            acc *= tl.load(v_scale_ptr)
         out, _ = finish_rows(acc, l_i, seen)
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh
                  + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
@@ -314,6 +331,11 @@ def launch_union(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
     validated by the caller.
     """
     config = config or UnionConfig.get_default()
+    if config.fp8_dot and kv_cache.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"UnionConfig.fp8_dot takes an fp8_e4m3 cache, got {kv_cache.dtype}")
+    if config.fp8_dot and v_scale is not None and v_scale.dim() != 0:
+        raise ValueError("UnionConfig.fp8_dot takes a scalar v_scale (or none), got one per "
+                         "slot")
     num_tokens, num_heads, head_size = query.shape
     num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
     width = topk.shape[-1]
@@ -349,7 +371,11 @@ def launch_union(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
             ks_head, ks_slot, vs_head, vs_slot,
             GROUP=group, GROUP_PAD=triton.next_power_of_2(group), TILE_TOKENS=tokens,
             HEAD_SIZE=head_size, BLOCK_SIZE=block_size, ENTRIES=part.page.shape[-1],
-            HAS_K_SCALE=k_scale is not None, HAS_V_SCALE=v_scale is not None,
-            FP16_COMPUTE=fp8, DOT_DTYPE=dot_dtype(query.dtype, fp8),
+            HAS_K_SCALE=k_scale is not None,
+            HAS_V_SCALE=v_scale is not None and not config.fp8_dot,
+            FP16_COMPUTE=fp8, FP8_DOT=config.fp8_dot,
+            V_SCALE_AT_END=v_scale is not None and config.fp8_dot,
+            DOT_DTYPE=tl.float8e4nv if config.fp8_dot and not INTERPRETED
+            else dot_dtype(query.dtype, fp8),
             DYNAMIC_LOOP=not INTERPRETED, num_warps=config.num_warps,
             num_stages=config.num_stages)
