@@ -135,30 +135,52 @@ def test_prefill_algorithm_matches_reference(rng, monkeypatch, algorithm, case, 
 FP8_DOT_TOL = 0.1
 
 
-@pytest.mark.parametrize("heads,scale_mode", [((16, 1), "none"), ((8, 2), "scalar")])
-def test_union_fp8_dot_matches_reference(rng, heads, scale_mode):
-    """The FP8 tensor-core path of the union kernel (prefill rows; decodes on the token
-    kernel), within its own measured tolerance; a per-slot v_scale or an e5m2 cache is a
-    ValueError before any launch."""
+@pytest.mark.parametrize("heads,scale_mode,algorithm", [((16, 1), "none", "union"),
+                                                        ((8, 2), "scalar", "auto")])
+def test_fp8_dot_matches_reference(rng, monkeypatch, heads, scale_mode, algorithm):
+    """sparse_attention(fp8_dot=True): the union kernel's FP8 tensor-core path on the prefill
+    rows it runs ("auto": split with the token kernel), decodes on the token kernel, within the
+    path's own measured tolerance."""
     problem = _problem(rng, _spec(heads, "fp8_e4m3", "HND"), "correlated", scale_mode)
+    case = f"fp8_dot {heads} {scale_mode} {algorithm}"
+    if algorithm == "auto":
+        tiles = _auto_split(monkeypatch, problem, "token")
+        assert min(tiles) > 0, f"{case}: auto must use both paths, got {tiles} tiles"
     t = _torch(problem)
-    md = t["metadata"]
-    scales = {k: None if t[k] is None else torch.as_tensor(t[k], dtype=torch.float32)
-              for k in ("k_scale", "v_scale")}
     out = torch.full_like(t["query"], float("nan"))
-    args = (t["query"], t["kv_cache"], t["topk"], md.block_table, md.token_to_req,
-            md.token_positions, out, problem.spec.scale)
-    config = union.UnionConfig(fp8_dot=True)
-    dispatch.sparse_attention(*args, **scales, first_prefill_token=md.num_decode_tokens,
-                              prefill_algorithm="union", union_config=config)
+    torch_sparse.sparse_attention(problem.spec, t["query"], t["kv_cache"], t["topk"],
+                                  t["metadata"], out, k_scale=t["k_scale"], v_scale=t["v_scale"],
+                                  prefill_algorithm=algorithm, fp8_dot=True)
     err = relative_error(out, _reference(problem))
-    assert err < FP8_DOT_TOL, f"fp8_dot {heads} {scale_mode}: error {err:.3e}"
-    per_slot = torch.ones(problem.spec.num_kv_heads, t["kv_cache"].shape[0] * 128)
-    with pytest.raises(ValueError, match="scalar v_scale"):
-        union.launch_union(*args, v_scale=per_slot, config=config)
-    with pytest.raises(ValueError, match="fp8_e4m3"):
+    assert err < FP8_DOT_TOL, f"{case}: relative error {err:.3e} (limit {FP8_DOT_TOL})"
+
+
+def test_fp8_dot_errors_before_any_launch(rng, monkeypatch):
+    """fp8_dot where it does not exist: a ValueError (TypeError for a non-bool) naming why,
+    before any kernel runs."""
+    def launched(*args, **kwargs):
+        raise AssertionError("an op ran although fp8_dot cannot")
+    monkeypatch.setattr(ops, "call_sparse_attn", launched)
+    for cache, scale_mode, kw, error, match in [
+            ("fp8_e5m2", "none", {}, ValueError, "fp8_e4m3"),
+            ("auto", "none", {}, ValueError, "fp8_e4m3"),
+            ("fp8_e4m3", "none", dict(prefill_algorithm="token"), ValueError, "'token'"),
+            ("fp8_e4m3", "none", dict(prefill_algorithm="k2q"), ValueError, "'k2q'"),
+            ("fp8_e4m3", "none", dict(implementation="eager"), ValueError, "'eager'"),
+            ("fp8_e4m3", "per_slot", {}, ValueError, "scalar v_scale"),
+            ("fp8_e4m3", "none", dict(fp8_dot=1), TypeError, "fp8_dot must be a bool")]:
+        problem = random_problem(_spec((8, 2), cache), [1, 20], [200, 20], rng,
+                                 scale_mode=scale_mode)
+        t = _torch(problem)
+        with pytest.raises(error, match=match):
+            torch_sparse.sparse_attention(problem.spec, t["query"], t["kv_cache"], t["topk"],
+                                          t["metadata"], k_scale=t["k_scale"],
+                                          v_scale=t["v_scale"], **dict(dict(fp8_dot=True), **kw))
+    args = (t["query"], t["kv_cache"], t["topk"], t["metadata"].block_table,
+            t["metadata"].token_to_req, t["metadata"].token_positions, t["query"].clone(), 0.1)
+    with pytest.raises(ValueError, match="fp8_e4m3"):  # the launcher checks too
         union.launch_union(*args[:1], t["kv_cache"].view(torch.float8_e5m2), *args[2:],
-                           config=config)
+                           config=union.UnionConfig(fp8_dot=True))
     with pytest.raises(TypeError, match="fp8_dot"):
         union.UnionConfig(fp8_dot=1)
 

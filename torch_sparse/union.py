@@ -46,7 +46,7 @@ class UnionConfig:
     num_stages, Triton's launch options (the tile shape follows the GQA group, `tile_tokens`,
     and the plan depends on it, so it is no knob).
 
-    fp8_dot (off by default; no public keyword yet, benchmarks/fp8_union.py measures it): the
+    fp8_dot (off by default; `sparse_attention(fp8_dot=True)`; benchmarks/fp8_union.py): the
     FP8 tensor-core path for fp8_e4m3 caches: each query row rounded to e4m3 with a
     power-of-two scale (`triton_common.fp8_rows`), K and V used as stored, p rounded to e4m3,
     FP8 dots for q k^T and p v. A per-slot v_scale is a ValueError (a scalar one scales the
