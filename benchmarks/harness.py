@@ -90,19 +90,22 @@ class Case:
     query_lens / seq_lens: per request (decode requests first, `decode_query_len` tokens each;
     a value above every query length makes every request a prefill). rho: the selection's
     keep-probability (`interop.testing.make_topk`; None: uniform random). scales: (k_scale,
-    v_scale) floats for an FP8 cache, or None. Bytes and FLOPs are counted from the actual
-    selection: `kv_bytes` the K/V bytes of the valid selected blocks (decode's traffic),
-    `flops` 4 * head_size * the keys each (token, query head) attends (useful FLOPs).
+    v_scale) floats for an FP8 cache, or None. topk: None, or the selection of an earlier case
+    of the same batch shape (`topk_np`), reused as it is (rho is then ignored). Bytes and
+    FLOPs are counted from the actual selection: `kv_bytes` the K/V bytes of the valid
+    selected blocks (decode's traffic), `flops` 4 * head_size * the keys each (token, query
+    head) attends (useful FLOPs).
     """
 
     def __init__(self, spec, query_lens, seq_lens, rng, decode_query_len=1, *, rho=None,
-                 scales=None, device=DEVICE):
+                 scales=None, topk=None, device=DEVICE):
         import jax
         table, num_blocks = random_block_table(seq_lens, rng, block_size=BS, spare_blocks=1)
         md = interop.build_metadata(query_lens, seq_lens, table,
                                     decode_query_len=decode_query_len, num_blocks=num_blocks)
         self.spec, self.md = spec, md
-        topk = make_topk(md, spec.num_kv_heads, spec.topk_blocks, rng, rho=rho)
+        if topk is None:
+            topk = make_topk(md, spec.num_kv_heads, spec.topk_blocks, rng, rho=rho)
         self.topk_np = topk
         dev = torch.device(device)
         self.cache = interop.allocate_torch_kv_cache(spec, num_blocks, "bfloat16", device=dev)

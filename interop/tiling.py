@@ -5,14 +5,17 @@ Each front end's kernels take these numbers as compile-time constants; keeping t
 the PyTorch-Triton and the JAX-Pallas kernels agree on what a tile is, and a threshold measured
 for one front end sits beside the other's, not in a second copy.
 
-Prefill dispatch under prefill_algorithm="auto" (measured on the H100, 64/4 heads, top-16, bf16):
+Prefill dispatch under prefill_algorithm="auto" (64/4 heads, top-16):
 
 | rule                                   | torch_sparse (Triton)   | jax_sparse (Pallas)     |
 |----------------------------------------|-------------------------|-------------------------|
 | prefill tokens below which all "token" | UNION_MIN_TOKENS 16384  | UNION_MIN_TOKENS 16384  |
 | tile union share given to "union"      | 0.375 (48 of 128)       | 0.25 (32 of 128)        |
-| prefill tokens from which rest -> k2q  | 32768                   | never (k2q lost)        |
-| FP8 caches                             | all "token"             | as bf16                 |
+| tiles left by "union" go to            | the token kernel        | the token kernel        |
+| FP8 caches: union share                | 0.375 (as bf16)         | 0.25 (as bf16)          |
+
+torch_sparse's column is `torch_sparse.dispatch.PREFILL_RULE` (benchmarks/auto_rule.py times it
+against candidates); jax_sparse keeps its constants in `jax_sparse.dispatch`.
 """
 from __future__ import annotations
 
@@ -113,18 +116,36 @@ def max_k2q_items(num_kv_heads: int, num_tokens: int, topk: int, num_blocks: int
 
 @dataclasses.dataclass(frozen=True)
 class PrefillThresholds:
-    """A front end's measured "auto" rule: prefills below `union_min_tokens` run as "token";
-    larger ones give each tile whose union is at most `union_share` of its selections to the
-    union kernel and the rest to k2q from `k2q_min_tokens` tokens (else to the token kernel);
-    `fp8_token_only` keeps FP8 caches on the token kernel."""
+    """A front end's "auto" rule for prefill rows, from static shapes and the device-side tile
+    unions only (no host sync).
+
+    union_min_tokens: prefills of fewer tokens run on the token kernel alone.
+    union_share: a larger prefill gives each tile whose union (largest over the KV heads) is at
+      most this share of its tile_tokens * topk selections to the union kernel.
+    fp8_union_share: the same share for FP8 caches; None keeps FP8 caches on the token kernel.
+    k2q_min_tokens: the tiles the union kernel leaves go to k2q in prefills of at least this
+      many tokens; None (or a smaller prefill): to the token kernel.
+    """
 
     union_min_tokens: int
     union_share: float
-    k2q_min_tokens: int
-    fp8_token_only: bool
+    fp8_union_share: float | None = None
+    k2q_min_tokens: int | None = None
 
-    def max_union(self, num_queries_per_kv: int, topk: int) -> int:
-        return max_union(num_queries_per_kv, topk, self.union_share)
+    def __post_init__(self):
+        for name in ("union_share", "fp8_union_share"):
+            share = getattr(self, name)
+            if share is not None and not 0.0 <= share <= 1.0:
+                raise ValueError(f"PrefillThresholds.{name} ({share}) must lie in [0, 1]")
+
+    def max_union(self, num_queries_per_kv: int, topk: int, fp8: bool = False) -> int | None:
+        """The largest tile union given to the union kernel; None: the token kernel alone."""
+        share = self.fp8_union_share if fp8 else self.union_share
+        return None if share is None else max_union(num_queries_per_kv, topk, share)
+
+    def leftover_to_k2q(self, prefill_tokens: int) -> bool:
+        """Whether the tiles the union kernel leaves go to k2q (else to the token kernel)."""
+        return self.k2q_min_tokens is not None and prefill_tokens >= self.k2q_min_tokens
 
 
 # Lightning indexer (torch_sparse/indexer.py, jax_sparse/indexer.py). A scoring tile is

@@ -30,7 +30,8 @@ _KNOBS = ("implementation", "config", "num_splits", "num_warps", "num_stages")
 # The arguments of `sparse_attention` an outer jax.jit must hold static (strings, ints and
 # configs that pick the compiled code): jax.jit(jax_sparse.sparse_attention,
 # static_argnames=jax_sparse.STATIC_ARGNAMES).
-STATIC_ARGNAMES = ("spec", "prefill_algorithm", *_KNOBS)
+_BODY_STATIC = ("spec", "prefill_algorithm", *_KNOBS)
+STATIC_ARGNAMES = (*_BODY_STATIC, "fp8_dot")
 
 
 def default_implementation() -> str:
@@ -100,14 +101,14 @@ def _attention(spec, query, kv_cache, topk_indices, token_to_req, token_position
 # The jitted body takes only the metadata fields it reads (three arrays and a count): a jitted
 # call's host cost grows with its argument count (CPU, no-op body: 29 us with these arrays, 61 us with the whole
 # 18-leaf metadata), so the public call below unpacks the metadata before the jit boundary.
-_attention_jit = jax.jit(_attention, static_argnames=STATIC_ARGNAMES)
+_attention_jit = jax.jit(_attention, static_argnames=_BODY_STATIC)
 
 
 def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
                      metadata: SparseMetadata, *, k_scale=None, v_scale=None,
                      implementation: str | None = None, prefill_algorithm: str = "auto",
                      config=None, num_splits: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None):
+                     num_stages: int | None = None, fp8_dot: bool = False):
     """Block-sparse GQA attention of a decode-first batch (contract, section 2). Jitted (the
     spec and the knobs static); call it directly or from inside a jitted step. To jit it
     yourself, keep its static arguments static:
@@ -136,6 +137,8 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
         "pallas" takes all three (the token kernel's splits of each top-k row, Triton warps
         and pipeline stages), "mosaic" num_splits; a knob the implementation does not take
         is a ValueError.
+      fp8_dot: the FP8 tensor-core path (FP8 dots over e4m3-rounded queries), which
+        torch_sparse's union kernel has and jax_sparse does not: True is a ValueError.
     Returns: [num_tokens, num_heads, head_size] in the query dtype; zeros for tokens with no
       valid entry and for padding tokens. Garbage in (contract, section 5): a query row with a
       NaN or Inf gives a NaN row when it attends a key (zeros when it attends none), a NaN in
@@ -143,6 +146,9 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
     Raises: TypeError for a dtype mistake or a PyTorch tensor / metadata (naming the interop
       bridge), ValueError for a shape or value mistake; at trace time, before any launch.
     """
+    if fp8_dot is not False:
+        raise ValueError(f"fp8_dot={fp8_dot!r}: jax_sparse has no FP8 tensor-core path (only "
+                         "torch_sparse's union kernel does); leave it False")
     check_jax_flavour(query=query, kv_cache=kv_cache, topk_indices=topk_indices,
                       k_scale=k_scale, v_scale=v_scale)
     check_metadata(metadata)

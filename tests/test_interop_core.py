@@ -271,8 +271,8 @@ def test_both_front_ends_take_their_tiling_from_interop():
     for module in (torch_sparse.union, jax_sparse.union):
         assert module.tile_tokens is tiling.union_tile_tokens
         assert module.tokens_per_chunk is tiling.union_tokens_per_chunk
-    for module in (torch_sparse.dispatch, jax_sparse.dispatch):
-        assert module.UNION_MIN_TOKENS == tiling.UNION_MIN_TOKENS
+    assert torch_sparse.dispatch.PREFILL_RULE.union_min_tokens == tiling.UNION_MIN_TOKENS
+    assert jax_sparse.dispatch.UNION_MIN_TOKENS == tiling.UNION_MIN_TOKENS
     assert [tiling.k2q_tile_shape(g) for g in (1, 4, 16, 128)] == [(1, 64), (4, 16), (16, 4),
                                                                      (128, 1)]
     assert tiling.max_k2q_items(1, 0, 16, 8, 1, 1, 8) == 1

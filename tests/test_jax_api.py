@@ -163,7 +163,8 @@ def test_outer_jit_with_every_keyword(rng, implementation, algorithm, knobs):
     problem = _problem(rng, "fp8_e4m3", "NHD", "per_slot")
     spec, q, cache, topk, md = _args(problem)
     kw = dict(k_scale=jnp.asarray(problem.k_scale), v_scale=jnp.asarray(problem.v_scale),
-              implementation=implementation, prefill_algorithm=algorithm, **knobs)
+              implementation=implementation, prefill_algorithm=algorithm, fp8_dot=False,
+              **knobs)
     ref = _reference(problem)
     attend = jax.jit(jax_sparse.sparse_attention, static_argnames=jax_sparse.STATIC_ARGNAMES)
     assert relative_error(attend(spec, q, cache, topk, md, **kw), ref) < TOL
@@ -174,6 +175,13 @@ def test_outer_jit_with_every_keyword(rng, implementation, algorithm, knobs):
             kw, k_scale=k_scale, v_scale=v_scale))
 
     assert relative_error(step(q, cache, topk, md, kw["k_scale"], kw["v_scale"]), ref) < TOL
+
+
+def test_fp8_dot_is_a_value_error(rng):
+    """jax_sparse has no FP8 tensor-core path: fp8_dot=True says so before any launch."""
+    problem = _problem(rng, "fp8_e4m3", "NHD", "none")
+    with pytest.raises(ValueError, match="fp8_dot=True: jax_sparse has no FP8 tensor-core"):
+        jax_sparse.sparse_attention(*_args(problem), fp8_dot=True)
 
 
 def test_outer_jit_without_static_knobs_says_how(rng):

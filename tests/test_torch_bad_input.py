@@ -63,9 +63,9 @@ def _every_path(problem, monkeypatch, paths=PATHS):
     outs = {}
     # "auto" plans every prefill and gives the small-union tiles to the union kernel, the rest
     # to k2q (the thresholds are sized for the H100; lowered here so the small batch uses both).
-    monkeypatch.setattr(dispatch, "UNION_MIN_TOKENS", 0)
-    monkeypatch.setattr(dispatch, "K2Q_MIN_TOKENS", 0)
-    monkeypatch.setattr(dispatch, "UNION_MAX_SHARE", 0.05)
+    monkeypatch.setattr(dispatch, "PREFILL_RULE", dataclasses.replace(
+        dispatch.PREFILL_RULE, union_min_tokens=0, union_share=0.05, fp8_union_share=0.05,
+        k2q_min_tokens=0))
     for impl, algorithm in paths:
         out = torch.full_like(t["query"], float("nan"))
         torch_sparse.sparse_attention(problem.spec, t["query"], t["kv_cache"], t["topk"],

@@ -2,6 +2,8 @@
 forced and "auto" (both of its leftover paths) on mixed decode + prefill batches (interpreted
 on a CPU), `plan_union` against a NumPy union, the token kernel's token mask, bad algorithm
 names, and the union kernel compiled for sm_90 (wgmma)."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -69,8 +71,9 @@ def _check(out, problem, case):
 
 
 def _auto_split(monkeypatch, problem, leftover):
-    """Make "auto" plan every prefill and give the tiles below the largest union to the union kernel;
-    leftover: "k2q" or "token" takes the rest. Returns (union tiles, other tiles)."""
+    """Make "auto" plan every prefill and give the tiles below the largest union to the union
+    kernel (FP8 caches too); leftover: "k2q" or "token" takes the rest. Returns (union tiles,
+    other tiles)."""
     spec = problem.spec
     group = spec.num_heads // spec.num_kv_heads
     t = _torch(problem)
@@ -81,22 +84,26 @@ def _auto_split(monkeypatch, problem, leftover):
                             first_token=problem.metadata.num_decode_tokens)
     sizes = plan.tile_size.cpu().numpy()
     limit = int(sizes[sizes < sizes.max()].max(initial=0))
-    monkeypatch.setattr(dispatch, "UNION_MIN_TOKENS", 0)
-    monkeypatch.setattr(dispatch, "UNION_MAX_SHARE", (limit + 0.5) / (tokens * spec.topk_blocks))
-    monkeypatch.setattr(dispatch, "K2Q_MIN_TOKENS", 0 if leftover == "k2q" else 1 << 30)
-    assert dispatch.max_union(group, spec.topk_blocks) == limit
+    share = (limit + 0.5) / (tokens * spec.topk_blocks)
+    rule = dataclasses.replace(dispatch.PREFILL_RULE, union_min_tokens=0, union_share=share,
+                               fp8_union_share=share,
+                               k2q_min_tokens=0 if leftover == "k2q" else None)
+    monkeypatch.setattr(dispatch, "PREFILL_RULE", rule)
+    assert rule.max_union(group, spec.topk_blocks, spec.is_fp8) == limit
     return int((sizes <= limit).sum()), int((sizes > limit).sum())
 
 
 # The union path with every case (the messy and the correlated selection taking turns); k2q
 # through the dispatcher with a 16-bit and an FP8 case (tests/test_torch_k2q.py runs its
 # launcher with every case); "auto" split between the union kernel and either leftover path
-# with both 16-bit storage dtypes, and an FP8 case, which "auto" keeps on the token kernel.
+# with both 16-bit storage dtypes and both FP8 dtypes; "auto-fp8token": a rule that keeps FP8
+# caches on the token kernel.
 PATHS = ([("union", c, ("messy", "correlated")[i % 2]) for i, c in enumerate(CASES)]
          + [("k2q", CASES[1], "correlated"), ("k2q", CASES[5], "messy")]
          + [("auto-k2q", CASES[0], "correlated"), ("auto-token", CASES[0], "messy"),
             ("auto-k2q", CASES[3], "messy"), ("auto-token", CASES[1], "correlated"),
-            ("auto-token", CASES[4], "correlated")])
+            ("auto-token", CASES[4], "correlated"), ("auto-k2q", CASES[7], "messy"),
+            ("auto-fp8token", CASES[6], "correlated")])
 
 
 @pytest.mark.parametrize("algorithm,case,selection", PATHS, ids=lambda c: str(c))
@@ -105,25 +112,89 @@ def test_prefill_algorithm_matches_reference(rng, monkeypatch, algorithm, case, 
     cache, layout, scale_mode, qdtype, heads = case
     problem = _problem(rng, _spec(heads, cache, layout), selection, scale_mode, qdtype)
     case = f"{algorithm} {cache}/{layout}/{scale_mode}/{qdtype} heads={heads} {selection}"
+    if algorithm == "auto-fp8token":
+        _auto_split(monkeypatch, problem, "k2q")
+        monkeypatch.setattr(dispatch, "PREFILL_RULE", dataclasses.replace(
+            dispatch.PREFILL_RULE, fp8_union_share=None))
+
+        def elsewhere(*args, **kwargs):
+            raise AssertionError(f"{case}: not the token kernel")
+        monkeypatch.setattr(dispatch, "launch_union", elsewhere)
+        monkeypatch.setattr(dispatch, "launch_k2q", elsewhere)
+        _check(_run(problem, "auto"), problem, case)
+        return
     if algorithm.startswith("auto"):
         tiles = _auto_split(monkeypatch, problem, algorithm.split("-")[1])
-        if cache.startswith("fp8"):
-            # FP8 caches stay on the token kernel under "auto" (dispatch.py says why).
-            def elsewhere(*args, **kwargs):
-                raise AssertionError(f"{case}: not the token kernel")
-            monkeypatch.setattr(dispatch, "launch_union", elsewhere)
-            monkeypatch.setattr(dispatch, "launch_k2q", elsewhere)
-            _check(_run(problem, "auto"), problem, case)
-            return
         assert min(tiles) > 0, f"{case}: auto must use both paths, got {tiles} tiles"
         algorithm = "auto"
     _check(_run(problem, algorithm), problem, case)
 
 
+# UnionConfig.fp8_dot rounds queries and probabilities to e4m3 (3 mantissa bits): interpreted,
+# 0.052-0.073 relative error against the float64 reference (the default path: 0.003).
+FP8_DOT_TOL = 0.1
+
+
+@pytest.mark.parametrize("heads,scale_mode,algorithm", [((16, 1), "none", "union"),
+                                                        ((8, 2), "scalar", "auto")])
+def test_fp8_dot_matches_reference(rng, monkeypatch, heads, scale_mode, algorithm):
+    """sparse_attention(fp8_dot=True): the union kernel's FP8 tensor-core path on the prefill
+    rows it runs ("auto": split with the token kernel), decodes on the token kernel, within the
+    path's own measured tolerance."""
+    problem = _problem(rng, _spec(heads, "fp8_e4m3", "HND"), "correlated", scale_mode)
+    case = f"fp8_dot {heads} {scale_mode} {algorithm}"
+    if algorithm == "auto":
+        tiles = _auto_split(monkeypatch, problem, "token")
+        assert min(tiles) > 0, f"{case}: auto must use both paths, got {tiles} tiles"
+    # An Inf in one prefill query row (e4m3 saturates it): that row alone turns NaN.
+    bad = problem.metadata.num_decode_tokens + 3
+    problem.query[bad, 0, 5] = np.inf
+    t = _torch(problem)
+    out = torch.full_like(t["query"], float("nan"))
+    torch_sparse.sparse_attention(problem.spec, t["query"], t["kv_cache"], t["topk"],
+                                  t["metadata"], out, k_scale=t["k_scale"], v_scale=t["v_scale"],
+                                  prefill_algorithm=algorithm, fp8_dot=True)
+    assert out[bad, 0].isnan().all(), f"{case}: a query row with an Inf must give NaN"
+    keep = np.ones(out.shape[:2], bool)
+    keep[bad, 0] = False
+    err = relative_error(out.double().cpu().numpy()[keep], _reference(problem)[keep])
+    assert err < FP8_DOT_TOL, f"{case}: relative error {err:.3e} (limit {FP8_DOT_TOL})"
+
+
+def test_fp8_dot_errors_before_any_launch(rng, monkeypatch):
+    """fp8_dot where it does not exist: a ValueError (TypeError for a non-bool) naming why,
+    before any kernel runs."""
+    def launched(*args, **kwargs):
+        raise AssertionError("an op ran although fp8_dot cannot")
+    monkeypatch.setattr(ops, "call_sparse_attn", launched)
+    for cache, scale_mode, kw, error, match in [
+            ("fp8_e5m2", "none", {}, ValueError, "fp8_e4m3"),
+            ("auto", "none", {}, ValueError, "fp8_e4m3"),
+            ("fp8_e4m3", "none", dict(prefill_algorithm="token"), ValueError, "'token'"),
+            ("fp8_e4m3", "none", dict(prefill_algorithm="k2q"), ValueError, "'k2q'"),
+            ("fp8_e4m3", "none", dict(implementation="eager"), ValueError, "'eager'"),
+            ("fp8_e4m3", "per_slot", {}, ValueError, "scalar v_scale"),
+            ("fp8_e4m3", "none", dict(fp8_dot=1), TypeError, "fp8_dot must be a bool")]:
+        problem = random_problem(_spec((8, 2), cache), [1, 20], [200, 20], rng,
+                                 scale_mode=scale_mode)
+        t = _torch(problem)
+        with pytest.raises(error, match=match):
+            torch_sparse.sparse_attention(problem.spec, t["query"], t["kv_cache"], t["topk"],
+                                          t["metadata"], k_scale=t["k_scale"],
+                                          v_scale=t["v_scale"], **dict(dict(fp8_dot=True), **kw))
+    args = (t["query"], t["kv_cache"], t["topk"], t["metadata"].block_table,
+            t["metadata"].token_to_req, t["metadata"].token_positions, t["query"].clone(), 0.1)
+    with pytest.raises(ValueError, match="fp8_e4m3"):  # the launcher checks too
+        union.launch_union(*args[:1], t["kv_cache"].view(torch.float8_e5m2), *args[2:],
+                           config=union.UnionConfig(fp8_dot=True))
+    with pytest.raises(TypeError, match="fp8_dot"):
+        union.UnionConfig(fp8_dot=1)
+
+
 @pytest.mark.parametrize("algorithm", ["token", "auto"])
 def test_token_and_small_auto(rng, algorithm):
     """"token" and "auto" below UNION_MIN_TOKENS: one token-kernel launch, as always."""
-    assert sum(QUERY_LENS) < dispatch.UNION_MIN_TOKENS
+    assert sum(QUERY_LENS) < dispatch.PREFILL_RULE.union_min_tokens
     problem = _problem(rng, _spec((8, 2), "fp8_e4m3", "HND"), "messy", "per_slot")
     _check(_run(problem, algorithm), problem, algorithm)
 
@@ -220,7 +291,10 @@ def test_plan_union_matches_numpy(rng, tile):
         got = {(int(p), int(b)): int(m) for p, b, m in
                zip(page[g, i, :n], block[g, i, :n], bits[g, i, :n])}
         assert size[g, i] == n and got == entries, f"tile {i} head {g}: {got} != {entries}"
-        assert (page[g, i, n:] == -1).all() and not bits[g, i, n:].any(), f"tile {i} tail"
+        keys = page[g, i, :n].astype(np.int64) * table.shape[1] + block[g, i, :n]
+        assert (np.diff(keys) > 0).all(), f"tile {i} head {g}: entries not in page order"
+        assert ((page[g, i, n:] == -1).all() and not block[g, i, n:].any()
+                and not bits[g, i, n:].any()), f"tile {i} head {g}: tail"
     assert (plan.tile_size.numpy() == size.max(0)).all()
 
 
@@ -267,12 +341,15 @@ def _compile_for_sm90():
     from triton.compiler import ASTSource
 
     kernel = union._union_attn_kernel
-    for cache_dtype in ("bf16", "fp8e4nv"):
-        fp8 = cache_dtype != "bf16"
+    for case in ("bf16", "fp8e4nv", "fp8dot"):
+        cache_dtype = "bf16" if case == "bf16" else "fp8e4nv"
+        fp8, fp8_dot = case != "bf16", case == "fp8dot"
         constexprs = dict(GROUP=16, GROUP_PAD=16, TILE_TOKENS=8, HEAD_SIZE=128,
-                          BLOCK_SIZE=128, ENTRIES=128, HAS_K_SCALE=fp8, HAS_V_SCALE=fp8,
-                          FP16_COMPUTE=fp8, DOT_DTYPE=tl.float16 if fp8 else tl.bfloat16,
-                          DYNAMIC_LOOP=True)
+                          BLOCK_SIZE=128, ENTRIES=128, HAS_K_SCALE=fp8,
+                          HAS_V_SCALE=fp8 and not fp8_dot, FP16_COMPUTE=fp8, FP8_DOT=fp8_dot,
+                          V_SCALE_AT_END=fp8_dot,
+                          DOT_DTYPE=tl.float8e4nv if fp8_dot else tl.float16 if fp8
+                          else tl.bfloat16, DYNAMIC_LOOP=True)
         pointers = dict(q_ptr="*bf16", cache_ptr=f"*{cache_dtype}", positions_ptr="*i32",
                         out_ptr="*bf16", k_scale_ptr="*fp32", v_scale_ptr="*fp32")
         signature = {}
@@ -287,11 +364,32 @@ def _compile_for_sm90():
             ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
             target=GPUTarget("cuda", 90, 32),
             options=dict(num_warps=union.NUM_WARPS, num_stages=union.NUM_STAGES))
-        print(f"{cache_dtype} wgmma={'wgmma.mma_async' in compiled.asm['ptx']}")
+        ptx = compiled.asm["ptx"]
+        print(f"{case} wgmma={'wgmma.mma_async' in ptx} e4m3={'e4m3.e4m3' in ptx}")
+
+
+def _compile_plan_for_sm90():
+    """Compile the union plan kernel (sort and scan) for CUDA sm_90, no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = union._plan_union_kernel
+    constexprs = dict(WIDTH=16, WIDTH_PAD=16, TILE_TOKENS=8, BLOCK_SIZE=128,
+                      TOKEN_SLOTS=union._TOKEN_SLOTS, SENTINEL=union._SENTINEL)
+    signature = {name: "constexpr" if name in constexprs else
+                 "*i32" if name.endswith("_ptr") else "i32" for name in kernel.arg_names}
+    import triton
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
+    print(f"plan ptx={len(compiled.asm['ptx']) > 0}")
+
+
+def test_plan_kernel_compiles_for_sm90():
+    assert "plan ptx=True" in run_without_interpreter("test_torch_union", "_compile_plan_for_sm90")
 
 
 def test_union_kernel_uses_wgmma_on_sm90():
     """Compiled (not interpreted) in a child process: the kernel must be a JIT function."""
     lines = run_without_interpreter("test_torch_union", "_compile_for_sm90")
-    for case in ("bf16", "fp8e4nv"):
-        assert f"{case} wgmma=True" in lines, f"{case}: no wgmma in the sm_90 PTX: {lines}"
+    for case, e4m3 in (("bf16", False), ("fp8e4nv", False), ("fp8dot", True)):
+        assert f"{case} wgmma=True e4m3={e4m3}" in lines, f"{case}: sm_90 PTX: {lines}"

@@ -5,11 +5,11 @@ Decode rows (the first `first_prefill_token` rows) always run on the token kerne
 - "token": the token kernel, one launch with the decode rows (the batch as it always ran).
 - "union": token tiles over the union of their blocks (`union.py`).
 - "k2q": key-to-query (`k2q.py`).
-- "auto": a prefill of fewer than UNION_MIN_TOKENS tokens, or over an FP8 cache, runs as
-  "token". A larger one is
-  planned tile by tile on the device (no host sync): a tile whose union is small enough runs
-  on the union kernel; the others go to k2q when the prefill has at least K2Q_MIN_TOKENS
-  tokens, else to the token kernel (both take them through a token mask).
+- "auto": `PREFILL_RULE` (an `interop.tiling.PrefillThresholds`). A prefill of fewer than
+  its union_min_tokens tokens runs as "token". A larger one is planned tile by tile on the
+  device (no host sync): a tile whose union is small enough (the cache dtype's share) runs on
+  the union kernel; the others go to the token kernel (or to k2q from k2q_min_tokens tokens),
+  which take them through a token mask.
 Every choice depends on shapes and on device tensors only, so a CUDA graph can hold the call.
 Each family's knobs come as its config (`TokenKernelConfig`, `UnionConfig`, `K2QConfig`); a
 config for a family the chosen algorithm never runs is a ValueError, not dropped.
@@ -18,34 +18,27 @@ from __future__ import annotations
 
 import torch
 
-from interop import check_prefill_algorithm, tiling
-from interop.tiling import UNION_MIN_TOKENS
+from interop import check_prefill_algorithm
+from interop.tiling import UNION_MIN_TOKENS, PrefillThresholds
 
 from .attention import TokenKernelConfig, launch_sparse_attention
 from .k2q import K2QConfig, launch_k2q
 from .union import UnionConfig, launch_union, plan_union, tile_tokens, tokens_per_chunk
 
-# Thresholds from the H100 benchmark (64/4 heads, top-16, bf16; benchmarks/results/h100);
-# UNION_MIN_TOKENS (prefills below it stay on the token kernel) is shared with jax_sparse
-# and lives in interop.tiling with its measurements.
-# "auto" gives a tile to the union kernel when its largest union over the KV heads is at most
-# this share of the tile's tile_tokens * topk selections (48 of 128 at GQA 16). The union
-# kernel runs at about 350 raw TFLOP/s, so it delivers 350 * 16 / union useful TFLOP/s: it
-# beats the token kernel's 120 up to a union of about 46 (16k tokens, random selection,
-# union 51: 8.7 ms against 8.3).
-UNION_MAX_SHARE = 0.375
-# FP8 caches stay on the token kernel under "auto": the union kernel runs FP8 at about 190 raw
-# TFLOP/s (bf16: 350), and with the plans' cost "auto" lost to the token kernel on some H100
-# rows whatever the union limit (16/1 heads, 64k tokens: 0.90x at a limit of 48, 0.93x at 25).
-# Prefills of at least this many tokens send the tiles the union kernel leaves to k2q, smaller
-# ones to the token kernel: k2q's per-chunk plan (a sort of every entry of the chunk) pays off
-# only on long prefills (64k random: 32.2 ms against 35.0; 16k correlated: 11.1 against 8.2).
-K2Q_MIN_TOKENS = 32768
-
-
-def max_union(group: int, topk: int) -> int:
-    """The largest tile union (blocks per KV head) that "auto" gives to the union kernel."""
-    return tiling.max_union(group, topk, UNION_MAX_SHARE)
+# "auto"'s rule; benchmarks/auto_rule.py times it against candidate rules on the H200 rows.
+# - Union share 0.375 (48 of 128 at GQA 16): the union kernel delivers about raw * 16 / union
+#   useful TFLOP/s (raw 350-400 on the H200), so it beats the token kernel's 125-140 up to a
+#   union of about 45 (H100, 16k random, union 51: 8.7 ms against 8.3).
+# - The tiles it leaves go to the token kernel: k2q on a token mask costs about as much as k2q
+#   on the whole prefill (its plan sorts every entry), so at 64k rho0.87 union tiles plus a k2q
+#   rest lost 25% to forced union (H200, 64/4: 141 against 189 useful TFLOP/s), and at 64k
+#   random it reached 136 (forced k2q 144, token 134): a token-kernel rest loses at most
+#   that row's gap to k2q.
+# - FP8 caches take the union kernel as bf16 does: since the union kernel stopped scrubbing V
+#   it runs FP8 at 1.33-1.36x the token kernel at 64k rho0.87 (H200: 159 against 117 at 64/4,
+#   155 against 116 at 16/1).
+PREFILL_RULE = PrefillThresholds(union_min_tokens=UNION_MIN_TOKENS, union_share=0.375,
+                                 fp8_union_share=0.375, k2q_min_tokens=None)
 
 
 def sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
@@ -75,9 +68,11 @@ def sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Te
     prefill_tokens = num_tokens - split
     scales = dict(k_scale=k_scale, v_scale=v_scale)
     token = dict(scales, config=token_config)
+    fp8 = kv_cache.element_size() == 1
+    limit = PREFILL_RULE.max_union(query.shape[1] // kv_cache.shape[3], topk.shape[-1], fp8)
     if (prefill_algorithm == "token" or prefill_tokens == 0
-            or (prefill_algorithm == "auto" and (prefill_tokens < UNION_MIN_TOKENS
-                                                 or kv_cache.element_size() == 1))):
+            or (prefill_algorithm == "auto" and (prefill_tokens < PREFILL_RULE.union_min_tokens
+                                                 or limit is None))):
         launch_sparse_attention(query, kv_cache, topk, block_table, output, sm_scale,
                                 token_to_req=token_to_req, token_positions=token_positions,
                                 **token)
@@ -92,8 +87,9 @@ def sparse_attention(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Te
     elif prefill_algorithm == "k2q":
         launch_k2q(*args, **scales, first_token=split, config=k2q_config)
     else:
-        rest = _union_small_tiles(*args, **scales, first_token=split, config=union_config)
-        if prefill_tokens >= K2Q_MIN_TOKENS:
+        rest = _union_small_tiles(*args, **scales, first_token=split, max_union=limit,
+                                  config=union_config)
+        if PREFILL_RULE.leftover_to_k2q(prefill_tokens):
             launch_k2q(*args, **scales, first_token=split, token_mask=rest, config=k2q_config)
         else:
             launch_sparse_attention(query[split:], kv_cache, topk[:, split:], block_table,
@@ -114,7 +110,7 @@ def check_configs(prefill_algorithm: str, union_config: UnionConfig | None,
 
 
 def _union_small_tiles(query, kv_cache, topk, block_table, token_to_req, token_positions,
-                       output, sm_scale, *, k_scale, v_scale, first_token,
+                       output, sm_scale, *, k_scale, v_scale, first_token, max_union,
                        config) -> torch.Tensor:
     """Run the union kernel on the tiles of tokens [first_token, num_tokens) whose union is at
     most `max_union`; returns the bool [num_tokens] mask of the rows it left (True)."""
@@ -122,7 +118,6 @@ def _union_small_tiles(query, kv_cache, topk, block_table, token_to_req, token_p
     num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
     width = topk.shape[-1]
     tokens = tile_tokens(num_heads // num_kv_heads)
-    limit = max_union(num_heads // num_kv_heads, width)
     rest = torch.zeros(num_tokens, dtype=torch.bool, device=query.device)
     chunk = tokens_per_chunk(num_kv_heads, width, tokens)
     for start in range(first_token, num_tokens, chunk):
@@ -132,7 +127,7 @@ def _union_small_tiles(query, kv_cache, topk, block_table, token_to_req, token_p
                           end_token=end)
         launch_union(query, kv_cache, topk, block_table, token_to_req, token_positions, output,
                      sm_scale, k_scale=k_scale, v_scale=v_scale, first_token=start, plan=plan,
-                     max_union=limit, config=config)
-        large = plan.tile_size > limit
+                     max_union=max_union, config=config)
+        large = plan.tile_size > max_union
         rest[start:end] = large[:, None].expand(-1, tokens).reshape(-1)[:end - start]
     return rest

@@ -263,7 +263,8 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
                      metadata: SparseMetadata, output=None, *, k_scale=None, v_scale=None,
                      implementation: str | None = None, prefill_algorithm: str = "auto",
                      num_splits: int | None = None, num_warps: int | None = None,
-                     num_stages: int | None = None, impl: str | None = None) -> torch.Tensor:
+                     num_stages: int | None = None, impl: str | None = None,
+                     fp8_dot: bool = False) -> torch.Tensor:
     """A mixed decode-first batch in one call; returns `output` (allocated when None).
 
     query: [num_tokens, num_heads, head_size]; kv_cache: the logical view in the spec's cache
@@ -278,7 +279,12 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
     the eager implementation has one path. num_splits / num_warps / num_stages: the token
     kernel's knobs, as in jax_sparse (`attention.TokenKernelConfig`; None: its default; a
     ValueError with implementation "eager", which has no such knob). impl: the deprecated
-    spelling of implementation (a DeprecationWarning).
+    spelling of implementation (a DeprecationWarning). fp8_dot: the FP8 tensor-core path for
+    the prefill rows the union kernel runs ("union", or "auto"'s union tiles): query rows and
+    probabilities rounded to e4m3, FP8 dots (a larger error: README, "Prefill"); it needs an
+    fp8_e4m3 cache, implementation "triton", prefill_algorithm "union" or "auto" and a scalar
+    v_scale (or none), else a ValueError. Decode rows and the token kernel's rows keep the
+    default path.
 
     Every path gives the same rows on garbage input (contract 5): a row with no valid entry
     is zeros; a repeated entry counts once; a query row holding a NaN or an Inf that attends a
@@ -312,11 +318,34 @@ def sparse_attention(spec: SparseAttentionSpec, query, kv_cache, topk_indices,
                          f"{num_tokens}] (the query's tokens)")
     implementation = ops.check_implementation(implementation, query.device, impl)
     knobs = _token_knobs(implementation, num_splits, num_warps, num_stages)
+    _check_fp8_dot(fp8_dot, spec, implementation, prefill_algorithm, v_scale)
     ops.call_sparse_attn(query, kv_cache, topk_indices, metadata.block_table,
                          metadata.token_to_req[:num_tokens],
                          metadata.token_positions[:num_tokens], output, spec.scale, k_scale,
-                         v_scale, implementation, prefill_algorithm, int(decode_tokens), *knobs)
+                         v_scale, implementation, prefill_algorithm, int(decode_tokens), *knobs,
+                         fp8_dot)
     return output
+
+
+def _check_fp8_dot(fp8_dot, spec: SparseAttentionSpec, implementation: str,
+                   prefill_algorithm: str, v_scale) -> None:
+    """A TypeError / ValueError where `sparse_attention`'s fp8_dot cannot run."""
+    if not isinstance(fp8_dot, bool):
+        raise TypeError(f"fp8_dot must be a bool, got {type(fp8_dot).__name__}")
+    if not fp8_dot:
+        return
+    if CACHE_DTYPES[spec.kv_cache_dtype] != "float8_e4m3fn":
+        raise ValueError(f"fp8_dot needs an fp8_e4m3 cache, got kv_cache_dtype "
+                         f"{spec.kv_cache_dtype!r}")
+    if implementation != "triton":
+        raise ValueError(f"fp8_dot runs on the Triton union kernel; implementation "
+                         f"{implementation!r} has no FP8 tensor-core path")
+    if prefill_algorithm not in ("union", "auto"):
+        raise ValueError(f"fp8_dot runs on the union kernel; prefill_algorithm "
+                         f"{prefill_algorithm!r} has no FP8 tensor-core path (use 'union' or "
+                         "'auto')")
+    if v_scale is not None and v_scale.dim() != 0:
+        raise ValueError("fp8_dot takes a scalar v_scale (or none), got one per slot")
 
 
 def write_kv(kv_cache, key, value, slot_mapping, spec: SparseAttentionSpec, k_scale=None,

@@ -26,9 +26,9 @@ import torch
 from . import eager, selection
 
 try:
-    from . import attention, cache, dispatch
+    from . import attention, cache, dispatch, union
 except ImportError:  # no Triton: only the eager path runs
-    attention = cache = dispatch = None
+    attention = cache = dispatch = union = None
 
 IMPLEMENTATIONS = ("triton", "eager")
 IMPLS = IMPLEMENTATIONS  # deprecated name
@@ -140,10 +140,11 @@ def _sparse_attn(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
                 k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor],
                 implementation: str, prefill_algorithm: str = "auto",
                 first_prefill_token: int = 0, num_splits: int = 0, num_warps: int = 0,
-                num_stages: int = 0) -> None:
+                num_stages: int = 0, fp8_dot: bool = False) -> None:
     """Sparse attention of tokens given by (token_to_req, token_positions) [num_tokens]; rows
     from first_prefill_token on are prefill tokens. num_splits / num_warps / num_stages: the
-    token kernel's knobs, 0 for its default (`token_config`)."""
+    token kernel's knobs, 0 for its default (`token_config`). fp8_dot: the union kernel's FP8
+    tensor-core path (`union.UnionConfig.fp8_dot`; the caller checked it applies)."""
     if implementation != "triton":  # "eager" (or its old name, when the op is called directly)
         eager.sparse_attention_eager(query, kv_cache, topk, block_table, token_to_req,
                                      token_positions, output, sm_scale, k_scale, v_scale)
@@ -152,7 +153,9 @@ def _sparse_attn(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
                                   token_positions, output, sm_scale, k_scale=k_scale,
                                   v_scale=v_scale, first_prefill_token=first_prefill_token,
                                   prefill_algorithm=prefill_algorithm,
-                                  token_config=token_config(num_splits, num_warps, num_stages))
+                                  token_config=token_config(num_splits, num_warps, num_stages),
+                                  union_config=union.UnionConfig(fp8_dot=True) if fp8_dot
+                                  else None)
 
 
 def _sparse_attn_decode(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor,
@@ -218,7 +221,7 @@ call_write_kv = _eager_or_op(write_kv, _write_kv)
 @sparse_attn.register_fake
 def _(query, kv_cache, topk, block_table, token_to_req, token_positions, output, sm_scale,
       k_scale, v_scale, implementation, prefill_algorithm="auto", first_prefill_token=0,
-      num_splits=0, num_warps=0, num_stages=0) -> None:
+      num_splits=0, num_warps=0, num_stages=0, fp8_dot=False) -> None:
     return None
 
 

@@ -98,6 +98,22 @@ def fp16_rows(q, qk_scale):
 
 
 @triton.jit
+def fp8_rows(q, qk_scale):
+    """The FP8 tensor-core path (`UnionConfig.fp8_dot`): scale each query row by a power of
+    two so its largest magnitude lies in (224, 448] (e4m3's largest finite value is 448) and
+    round it to e4m3. Returns (e4m3 rows, per-row score scale qk_scale / row scale); a row
+    holding a NaN or an Inf gets a NaN score scale (e4m3 has no Inf and conversion saturates,
+    so the row would otherwise turn finite)."""
+    qf = q.to(tl.float32)
+    amax = tl.max(tl.abs(qf), 1)
+    finite = amax < float("inf")
+    shift = tl.floor(tl.log2(448.0 / tl.where(finite & (amax > 0), amax, 448.0)))
+    q_scale = tl.exp2(tl.minimum(tl.maximum(shift, -120.0), 100.0))
+    row_scale = tl.where(finite, qk_scale / q_scale, float("nan"))
+    return (qf * q_scale[:, None]).to(tl.float8e4nv), row_scale
+
+
+@triton.jit
 def attend_block(acc, m_i, l_i, q, kv_ptr, k_scale_ptr, v_scale_ptr, page, load_mask,
                  score_mask, offs_n, offs_d, stride_tok, stride_kv, ks_slot, vs_slot, qk_scale,
                  BLOCK_SIZE: tl.constexpr, HAS_K_SCALE: tl.constexpr,
@@ -110,6 +126,9 @@ def attend_block(acc, m_i, l_i, q, kv_ptr, k_scale_ptr, v_scale_ptr, page, load_
     q is in the compute dtype (the query's; float16 for an FP8 cache) and qk_scale is one
     factor per row. DOT_DTYPE is q's dtype when compiled; float32 under the interpreter, whose
     16-bit float dot would multiply bit patterns (operands are rounded to q's dtype first).
+    An e4m3 q (the FP8 tensor-core path, `fp8_rows`; the cache is e4m3) takes K and V as
+    stored and rounds p to e4m3 for `p @ v`, with p scaled by 2^8 (l too, so acc / l is
+    unchanged) so that probabilities down to 2^-17 survive e4m3's smallest subnormal, 2^-9.
     Keys outside load_mask read as 0, so a slot no row attends never shows. Where rows attend
     different loaded keys (a union tile), a non-finite V value of a key one row attends also
     reaches the tile's other rows (p = 0 times NaN): README, "Bad input". Scrubbing V of
@@ -129,7 +148,10 @@ def attend_block(acc, m_i, l_i, q, kv_ptr, k_scale_ptr, v_scale_ptr, page, load_
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     # A row that has seen no key yet keeps m = -inf; subtract 0 instead to avoid inf - inf.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(scores - m_safe[:, None])
+    m_shift = m_safe
+    if q.dtype.is_fp8():
+        m_shift = m_safe - 8.0  # p and l carry 2^8; alpha does not
+    p = tl.exp2(scores - m_shift[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if HAS_V_SCALE:

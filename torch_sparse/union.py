@@ -7,10 +7,10 @@ GQA group of 16: Hopper's wgmma needs 64 rows per warpgroup) and walks the union
 selected blocks once, each row masked to the blocks its token chose and to keys at or before
 its position (FlashInfer's `sparse_fwd_union` idea):
 
-1. `plan_union` (PyTorch ops on the device, no host sync): per (KV head, tile), the distinct
-   valid selected blocks, their page, and for each the bitmask of the tile's tokens that chose
-   it; plus the union sizes. Entry validity is `selection.selected_pages` (the token kernel's
-   rule), so every page the kernel reads lies inside the cache whatever top-k holds.
+1. `plan_union` (one Triton kernel, no host sync): per (KV head, tile), the distinct valid
+   selected blocks, their page, and for each the bitmask of the tile's tokens that chose it;
+   plus the union sizes. Entry validity is the token kernel's rule, so every page the kernel
+   reads lies inside the cache whatever top-k holds.
 2. `_union_attn_kernel`, one program per (tile, KV head): online softmax in fp32 (base 2) over
    the union's blocks through the shared `triton_common.attend_block`, output written directly.
    Tiles may straddle two requests (or a request's first block): a block is an entry per
@@ -32,9 +32,9 @@ import triton.language as tl
 from interop.tiling import union_tile_tokens as tile_tokens
 from interop.tiling import union_tokens_per_chunk as tokens_per_chunk
 
-from .selection import selected_pages
 from .triton_common import (INTERPRETED, LOG2_E, attend_block, check_knob, dot_dtype,
-                            finish_rows, fp16_rows, scale_args)
+                            entry_page, finish_rows, fp8_rows, fp16_rows, scale_args,
+                            visible_blocks)
 
 NUM_WARPS = 8
 NUM_STAGES = 3  # H100, 64/4, 16k correlated: 4.66 ms against 4.93 with 2 (4 overflows SMEM)
@@ -44,14 +44,25 @@ NUM_STAGES = 3  # H100, 64/4, 16k correlated: 4.66 ms against 4.93 with 2 (4 ove
 class UnionConfig:
     """The union kernel's launch knobs, in the spirit of JAX's `BlockSizes`: num_warps /
     num_stages, Triton's launch options (the tile shape follows the GQA group, `tile_tokens`,
-    and the plan depends on it, so it is no knob)."""
+    and the plan depends on it, so it is no knob).
+
+    fp8_dot (off by default; `sparse_attention(fp8_dot=True)`; benchmarks/fp8_union.py): the
+    FP8 tensor-core path for fp8_e4m3 caches: each query row rounded to e4m3 with a
+    power-of-two scale (`triton_common.fp8_rows`), K and V used as stored, p rounded to e4m3,
+    FP8 dots for q k^T and p v. A per-slot v_scale is a ValueError (a scalar one scales the
+    output); a larger error than the default path, which dequantizes to float16.
+    """
 
     num_warps: int = NUM_WARPS
     num_stages: int = NUM_STAGES
+    fp8_dot: bool = False
 
     def __post_init__(self):
         check_knob(self, "num_warps")
         check_knob(self, "num_stages")
+        if not isinstance(self.fp8_dot, bool):
+            raise TypeError(f"UnionConfig.fp8_dot must be a bool, got "
+                            f"{type(self.fp8_dot).__name__}")
 
     @classmethod
     def get_default(cls) -> "UnionConfig":
@@ -94,49 +105,104 @@ def plan_union(topk: torch.Tensor, block_table: torch.Tensor, token_to_req: torc
     [num_reqs, max_blocks]; token_to_req / token_positions: [num_tokens] (position -1:
     padding, selects nothing); num_blocks: pages in the cache; end_token: default num_tokens.
     Entries are distinct per (page, logical block): tokens of two requests that share a page
-    for the same block share the entry. A row that repeats a valid entry sets its bit once
-    (`selected_pages` drops the repeat).
-    Device ops only (sort, cumsum, scatter; no host sync): a CUDA graph can hold the call.
+    for the same block share the entry. A row that repeats a valid entry sets its bit once.
+    Entry validity is the token kernel's (`triton_common.visible_blocks` and `entry_page`;
+    `selection.selected_pages` in PyTorch ops).
+    One zero fill and one kernel launch (it took about 30 PyTorch ops before; the plan's cost
+    counts in every union and "auto" call), no host sync: a CUDA graph can hold the call.
     """
     if end_token is None:
         end_token = token_to_req.shape[0]
     num_kv_heads, _, width = topk.shape
-    max_blocks = block_table.shape[1]
-    n = end_token - first_token
-    num_tiles = triton.cdiv(n, tile_tokens)
+    num_reqs, max_blocks = block_table.shape
+    if num_blocks * max_blocks >= _SENTINEL // _TOKEN_SLOTS:
+        raise ValueError(f"num_blocks ({num_blocks}) x max_blocks ({max_blocks}) must stay "
+                         f"below {_SENTINEL // _TOKEN_SLOTS}")
+    num_tiles = triton.cdiv(end_token - first_token, tile_tokens)
     entries = tile_tokens * width
-    valid, block, page = selected_pages(topk[:, first_token:end_token], block_table,
-                                        token_to_req[first_token:end_token],
-                                        token_positions[first_token:end_token], num_blocks,
-                                        block_size)
-    sentinel = num_blocks * max_blocks  # above every valid key; sorts last
-    key = torch.where(valid, page * max_blocks + block, sentinel)
-    key = torch.nn.functional.pad(key, (0, 0, 0, num_tiles * tile_tokens - n), value=sentinel)
-    # Stable: inside a run of equal keys, entries stay in (token, column) order.
-    key, order = torch.sort(key.reshape(num_kv_heads, num_tiles, entries), dim=-1, stable=True)
-    token = order // width  # the entry's token inside its tile
-    live = key < sentinel
-    same_key = torch.zeros_like(live)
-    same_key[..., 1:] = key[..., 1:] == key[..., :-1]
-    first = live & ~same_key
-    union_index = torch.cumsum(first, -1) - 1
-    # A run's tokens are distinct (selected_pages keeps one copy of a repeated entry): their
-    # sum is their bitwise or.
-    bits = torch.where(live, torch.ones_like(token) << token, 0)
-    spill = torch.full_like(union_index, entries)  # writes of non-entries land past the end
-    token_bits = torch.zeros((num_kv_heads, num_tiles, entries + 1), dtype=torch.int64,
-                             device=topk.device)
-    token_bits.scatter_add_(-1, torch.where(live, union_index, spill), bits)
-    union_key = torch.full_like(token_bits, sentinel)
-    union_key.scatter_(-1, torch.where(first, union_index, spill), key)
-    union_key = union_key[..., :entries]
-    in_union = union_key < sentinel
-    size = first.sum(-1, dtype=torch.int32)
-    return UnionPlan(
-        first_token, end_token, tile_tokens,
-        torch.where(in_union, union_key // max_blocks, -1).int(),
-        torch.where(in_union, union_key % max_blocks, 0).int(),
-        token_bits[..., :entries].int(), size, size.amax(0))
+    device = topk.device
+    page = torch.empty((num_kv_heads, num_tiles, entries), dtype=torch.int32, device=device)
+    block = torch.empty_like(page)
+    token_bits = torch.zeros_like(page)  # the kernel ors each entry's token bits into it
+    size = torch.empty((num_kv_heads, num_tiles), dtype=torch.int32, device=device)
+    tile_size = torch.empty(num_tiles, dtype=torch.int32, device=device)
+    if num_tiles:
+        _plan_union_kernel[(num_tiles,)](
+            topk, block_table, token_to_req, token_positions, page, block, token_bits, size,
+            tile_size, first_token, end_token, num_kv_heads, num_reqs, num_blocks, max_blocks,
+            topk.stride(0), topk.stride(1), topk.stride(2), block_table.stride(0),
+            page.stride(0), page.stride(1), size.stride(0),
+            WIDTH=width, WIDTH_PAD=triton.next_power_of_2(width), TILE_TOKENS=tile_tokens,
+            BLOCK_SIZE=block_size, TOKEN_SLOTS=_TOKEN_SLOTS, SENTINEL=_SENTINEL, num_warps=4)
+    return UnionPlan(first_token, end_token, tile_tokens, page, block, token_bits, size,
+                     tile_size)
+
+
+# Plan keys: (page * max_blocks + block) * _TOKEN_SLOTS + the token's index in its tile (the
+# low bits carry the token through the sort); invalid entries get the sentinel, which sorts
+# last.
+_TOKEN_SLOTS = 32  # > interop.tiling.UNION_MAX_TILE_TOKENS
+_SENTINEL = (1 << 62) - 1
+
+
+@triton.jit
+def _run_length(key_a, count_a, key_b, count_b):
+    """Scan step over sorted keys: b's run of equal keys continues a's (an associative
+    combine because equal keys are contiguous)."""
+    return key_b, count_b + tl.where(key_a == key_b, count_a, 0)
+
+
+@triton.jit
+def _plan_union_kernel(
+        topk_ptr, block_table_ptr, token_to_req_ptr, positions_ptr,
+        page_ptr, block_ptr, bits_ptr, size_ptr, tile_size_ptr,
+        first_token, end_token, num_kv_heads, num_reqs, num_blocks, max_blocks,
+        stride_kg, stride_kt, stride_kk, stride_bt, stride_eg, stride_et, stride_sg,
+        WIDTH: tl.constexpr, WIDTH_PAD: tl.constexpr, TILE_TOKENS: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, TOKEN_SLOTS: tl.constexpr, SENTINEL: tl.constexpr):
+    """Grid (num_tiles,): the union plan of tile program_id(0), every KV head.
+
+    Per KV head: the tile's TILE_TOKENS x WIDTH entries become keys (page, block, token),
+    sorted; a run of equal (page, block) is one union entry, numbered by the runs before it;
+    its first key writes page and block, every key ors its token's bit (bits_ptr is zero on
+    entry); entries past the union get page -1, block 0.
+    """
+    tile = tl.program_id(0)
+    offs = tl.arange(0, TILE_TOKENS * WIDTH_PAD)
+    row = offs // WIDTH_PAD
+    col = offs % WIDTH_PAD
+    token = first_token + tile.to(tl.int64) * TILE_TOKENS + row
+    inside = (token < end_token) & (col < WIDTH)
+    req = tl.load(token_to_req_ptr + token, mask=inside, other=-1)
+    pos = tl.load(positions_ptr + token, mask=inside, other=-1)
+    req, limit = visible_blocks(req, pos, num_reqs, max_blocks, BLOCK_SIZE)
+    tail = offs < TILE_TOKENS * WIDTH
+    tile_size = 0
+    for g in range(num_kv_heads):
+        entry = tl.load(topk_ptr + g * stride_kg + token * stride_kt + col * stride_kk,
+                        mask=inside, other=-1)
+        valid, block, page = entry_page(entry, limit, req, block_table_ptr, stride_bt,
+                                        num_blocks)
+        key = (page.to(tl.int64) * max_blocks + block) * TOKEN_SLOTS + row
+        key = tl.sort(tl.where(valid, key, SENTINEL))
+        live = key < SENTINEL
+        entry_key = key // TOKEN_SLOTS
+        _, run = tl.associative_scan((entry_key, tl.full(key.shape, 1, tl.int32)), 0,
+                                     _run_length)
+        first = live & (run == 1)
+        index = tl.cumsum(first.to(tl.int32), 0) - 1
+        size = tl.sum(first.to(tl.int32), 0)
+        base = g * stride_eg + tile.to(tl.int64) * stride_et
+        tl.store(page_ptr + base + index, (entry_key // max_blocks).to(tl.int32), mask=first)
+        tl.store(block_ptr + base + index, (entry_key % max_blocks).to(tl.int32), mask=first)
+        tl.atomic_or(bits_ptr + base + index, (1 << (key % TOKEN_SLOTS)).to(tl.int32),
+                     mask=live)
+        past = tail & (offs >= size)
+        tl.store(page_ptr + base + offs, tl.full(offs.shape, -1, tl.int32), mask=past)
+        tl.store(block_ptr + base + offs, tl.zeros(offs.shape, tl.int32), mask=past)
+        tl.store(size_ptr + g * stride_sg + tile, size)
+        tile_size = tl.maximum(tile_size, size)
+    tl.store(tile_size_ptr + tile, tile_size)
 
 
 @triton.jit
@@ -178,7 +244,8 @@ def _union_attn_kernel(
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TILE_TOKENS: tl.constexpr,
         HEAD_SIZE: tl.constexpr, BLOCK_SIZE: tl.constexpr, ENTRIES: tl.constexpr,
         HAS_K_SCALE: tl.constexpr, HAS_V_SCALE: tl.constexpr, FP16_COMPUTE: tl.constexpr,
-        DOT_DTYPE: tl.constexpr, DYNAMIC_LOOP: tl.constexpr):
+        FP8_DOT: tl.constexpr, V_SCALE_AT_END: tl.constexpr, DOT_DTYPE: tl.constexpr,
+        DYNAMIC_LOOP: tl.constexpr):
     """Grid (num_tiles, num_kv_heads): the output rows of tile program_id(0).
 
     Row r is token first_token + tile * TILE_TOKENS + r // GROUP_PAD, query head
@@ -202,7 +269,9 @@ def _union_attn_kernel(
         q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh
                     + offs_d[None, :], mask=row_mask[:, None], other=0.0)
         row_scale = tl.full([TILE_TOKENS * GROUP_PAD], qk_scale, tl.float32)
-        if FP16_COMPUTE:
+        if FP8_DOT:
+            q, row_scale = fp8_rows(q, row_scale)
+        elif FP16_COMPUTE:
             q, row_scale = fp16_rows(q, row_scale)
 
         m_i = tl.full([TILE_TOKENS * GROUP_PAD], float("-inf"), tl.float32)
@@ -233,6 +302,8 @@ def _union_attn_kernel(
                         BLOCK_SIZE, HAS_K_SCALE, HAS_V_SCALE, DOT_DTYPE)
 
         # No valid entry (padding rows included): zeros; a non-finite query: NaN.
+        if V_SCALE_AT_END:  # FP8_DOT's scalar v_scale (p * v_scale could leave e4m3's range)
+            acc *= tl.load(v_scale_ptr)
         out, _ = finish_rows(acc, l_i, seen)
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh
                  + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
@@ -260,6 +331,11 @@ def launch_union(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
     validated by the caller.
     """
     config = config or UnionConfig.get_default()
+    if config.fp8_dot and kv_cache.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"UnionConfig.fp8_dot takes an fp8_e4m3 cache, got {kv_cache.dtype}")
+    if config.fp8_dot and v_scale is not None and v_scale.dim() != 0:
+        raise ValueError("UnionConfig.fp8_dot takes a scalar v_scale (or none), got one per "
+                         "slot")
     num_tokens, num_heads, head_size = query.shape
     num_blocks, _, block_size, num_kv_heads, _ = kv_cache.shape
     width = topk.shape[-1]
@@ -295,7 +371,11 @@ def launch_union(query: torch.Tensor, kv_cache: torch.Tensor, topk: torch.Tensor
             ks_head, ks_slot, vs_head, vs_slot,
             GROUP=group, GROUP_PAD=triton.next_power_of_2(group), TILE_TOKENS=tokens,
             HEAD_SIZE=head_size, BLOCK_SIZE=block_size, ENTRIES=part.page.shape[-1],
-            HAS_K_SCALE=k_scale is not None, HAS_V_SCALE=v_scale is not None,
-            FP16_COMPUTE=fp8, DOT_DTYPE=dot_dtype(query.dtype, fp8),
+            HAS_K_SCALE=k_scale is not None,
+            HAS_V_SCALE=v_scale is not None and not config.fp8_dot,
+            FP16_COMPUTE=fp8, FP8_DOT=config.fp8_dot,
+            V_SCALE_AT_END=v_scale is not None and config.fp8_dot,
+            DOT_DTYPE=tl.float8e4nv if config.fp8_dot and not INTERPRETED
+            else dot_dtype(query.dtype, fp8),
             DYNAMIC_LOOP=not INTERPRETED, num_warps=config.num_warps,
             num_stages=config.num_stages)
