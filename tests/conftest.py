@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 
 import numpy as np
@@ -185,7 +186,22 @@ _PATHS_START = pytest.StashKey[int]()
 def pytest_runtest_protocol(item, nextitem):
     from tests import paths
     item.stash[_PATHS_START] = len(paths.RUNS)
+    timing = os.environ.get("SPARSE_TESTS_TIMING")
+    if timing:
+        _timing_line(timing, f"{item.nodeid} running")
+        start = time.perf_counter()
     yield
+    if timing:
+        _timing_line(timing, f"{item.nodeid} {time.perf_counter() - start:.2f}")
+
+
+def _timing_line(path: str, line: str) -> None:
+    """SPARSE_TESTS_TIMING=<file>: one line when a test starts ("<nodeid> running") and one
+    when it ends ("<nodeid> <seconds>", setup to teardown), appended and flushed at once, so a
+    run that is killed or hangs leaves the time of every finished test and the name of the
+    one it was in (xdist workers append to the same file)."""
+    with open(path, "a") as f:
+        f.write(line + "\n")
 
 
 @pytest.hookimpl(hookwrapper=True)
