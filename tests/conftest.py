@@ -162,6 +162,13 @@ def pytest_pycollect_makemodule(module_path, parent):
 
 
 def pytest_collection_modifyitems(config, items):
+    """Without `-m`, the `slow` cases are left out (`pytest -m slow` runs them; .ci/run does);
+    without a GPU, the `gpu` ones are skipped."""
+    if not config.option.markexpr:
+        slow = [item for item in items if "slow" in item.keywords]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if "slow" not in item.keywords]
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
