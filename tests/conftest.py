@@ -76,16 +76,18 @@ if (not HAS_CUDA and "JAX_COMPILATION_CACHE_DIR" not in os.environ
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
-    """One process on a CUDA machine (pyproject's addopts asks for 2 xdist workers, which pay
-    only for the CPU interpreters): the GPU tests share one process's compiled kernels, and
-    an xdist run there once hung in worker shutdown after every test had passed. An explicit
-    `-n N` on the command line still wins."""
-    if not HAS_CUDA or not hasattr(config.option, "numprocesses"):
+    """pytest-xdist's worker count when `-n` is given nowhere (command line, addopts,
+    PYTEST_ADDOPTS): two on a CPU machine, where the Triton interpreter and XLA's compiler each
+    keep one core busy; one process on a CUDA machine, where the GPU tests share one process's
+    compiled kernels and an xdist run once hung in worker shutdown after every test passed.
+    `-n N` (`-n 0`: one process) or `-p no:xdist` always wins."""
+    if (not hasattr(config.option, "numprocesses") or hasattr(config, "workerinput")
+            or config.option.numprocesses is not None or config.getoption("usepdb", False)
+            or config.option.collectonly):
         return
-    explicit = any(a == "-n" or a.startswith("-n") and a[2:].isdigit() or
-                   a.startswith("--numprocesses") for a in config.invocation_params.args)
-    if not explicit:
-        config.option.numprocesses = 0
+    workers = 0 if HAS_CUDA else min(2, os.cpu_count() or 1)
+    config.option.numprocesses = workers if workers > 1 else 0
+    if not config.option.numprocesses:
         config.option.dist = "no"
 
 
