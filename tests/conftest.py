@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zlib
 
 import numpy as np
@@ -75,16 +76,18 @@ if (not HAS_CUDA and "JAX_COMPILATION_CACHE_DIR" not in os.environ
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
-    """One process on a CUDA machine (pyproject's addopts asks for 2 xdist workers, which pay
-    only for the CPU interpreters): the GPU tests share one process's compiled kernels, and
-    an xdist run there once hung in worker shutdown after every test had passed. An explicit
-    `-n N` on the command line still wins."""
-    if not HAS_CUDA or not hasattr(config.option, "numprocesses"):
+    """pytest-xdist's worker count when `-n` is given nowhere (command line, addopts,
+    PYTEST_ADDOPTS): two on a CPU machine, where the Triton interpreter and XLA's compiler each
+    keep one core busy; one process on a CUDA machine, where the GPU tests share one process's
+    compiled kernels and an xdist run once hung in worker shutdown after every test passed.
+    `-n N` (`-n 0`: one process) or `-p no:xdist` always wins."""
+    if (not hasattr(config.option, "numprocesses") or hasattr(config, "workerinput")
+            or config.option.numprocesses is not None or config.getoption("usepdb", False)
+            or config.option.collectonly):
         return
-    explicit = any(a == "-n" or a.startswith("-n") and a[2:].isdigit() or
-                   a.startswith("--numprocesses") for a in config.invocation_params.args)
-    if not explicit:
-        config.option.numprocesses = 0
+    workers = 0 if HAS_CUDA else min(2, os.cpu_count() or 1)
+    config.option.numprocesses = workers if workers > 1 else 0
+    if not config.option.numprocesses:
         config.option.dist = "no"
 
 
@@ -161,6 +164,13 @@ def pytest_pycollect_makemodule(module_path, parent):
 
 
 def pytest_collection_modifyitems(config, items):
+    """Without `-m`, the `slow` cases are left out (`pytest -m slow` runs them; .ci/run does);
+    without a GPU, the `gpu` ones are skipped."""
+    if not config.option.markexpr:
+        slow = [item for item in items if "slow" in item.keywords]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if "slow" not in item.keywords]
     if HAS_CUDA:
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
@@ -185,7 +195,22 @@ _PATHS_START = pytest.StashKey[int]()
 def pytest_runtest_protocol(item, nextitem):
     from tests import paths
     item.stash[_PATHS_START] = len(paths.RUNS)
+    timing = os.environ.get("SPARSE_TESTS_TIMING")
+    if timing:
+        _timing_line(timing, f"{item.nodeid} running")
+        start = time.perf_counter()
     yield
+    if timing:
+        _timing_line(timing, f"{item.nodeid} {time.perf_counter() - start:.2f}")
+
+
+def _timing_line(path: str, line: str) -> None:
+    """SPARSE_TESTS_TIMING=<file>: one line when a test starts ("<nodeid> running") and one
+    when it ends ("<nodeid> <seconds>", setup to teardown), appended and flushed at once, so a
+    run that is killed or hangs leaves the time of every finished test and the name of the
+    one it was in (xdist workers append to the same file)."""
+    with open(path, "a") as f:
+        f.write(line + "\n")
 
 
 @pytest.hookimpl(hookwrapper=True)

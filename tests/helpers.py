@@ -240,6 +240,16 @@ def jax_run(problem, impl, **kw):
         v_scale=v_scale, implementation=impl, **kw)
 
 
+def jax_device_reference(problem):
+    """The problem's float32 reference on JAX's default device (tests/device_reference.py): the
+    GPU tests' reference at MiniMax-M3 shapes, where the float64 one takes 5 to 40 s a case on
+    the host. It follows the contract except for non-finite query rows (NaN / Inf scores give
+    zeros there, not NaN): a test with those derives their rows itself."""
+    from tests.device_reference import jax_reference
+    return jax_reference(problem.spec, problem.query, problem.kv_cache, problem.topk_indices,
+                         problem.metadata, problem.k_scale, problem.v_scale)
+
+
 def tile_neighbours(bad_rows, group: int, tile: int):
     """[tokens, heads] bool: rows of tokens within `tile` tokens of a row in bad_rows, in the
     same KV head group. Where rows of a union tile attend different keys of a loaded page, a

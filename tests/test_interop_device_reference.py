@@ -7,6 +7,7 @@ import interop
 from interop.testing import (matching_query_dtype, poison_unused_slots, random_problem,
                              relative_error)
 from tests.device_reference import jax_reference, torch_reference
+from tests.helpers import garbage_block_table, garbage_topk
 
 # Float32 sums of at most topk * 128 terms against float64: about 1e-7 relative; a masking
 # or scaling mistake is of order 1.
@@ -53,6 +54,11 @@ def test_jax_reference_matches_float64(rng, heads, cache, layout, scale_mode, de
     # Slots no token may attend hold NaN: the gathered tail of a page must not leak in.
     poison_unused_slots(problem)
     _check(jax_reference(*_args(problem)), ref, label + " poisoned")
+    # Junk top-k entries and block-table entries outside the cache (the GPU garbage cases).
+    problem.topk_indices = garbage_topk(problem, rng)
+    problem.metadata = garbage_block_table(problem)
+    _check(jax_reference(*_args(problem)), interop.reference_attention(*_args(problem)),
+           label + " junk entries")
 
 
 @pytest.mark.parametrize("heads, cache, layout, scale_mode, decode_query_len", CASES,

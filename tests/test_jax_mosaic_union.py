@@ -7,11 +7,12 @@ attends; V rows past the entry's key count are attended by no row), the dispatch
 kernels (`dispatch.HOPPER_AUTO`, also lowered for CUDA), the shared-memory budget, and the
 real kernel lowered for CUDA (layouts, 16-bit and FP8 caches, GQA groups, pipeline depths,
 with and without ping-pong, the persistent grid and the softmax fence).
-GPU (`gpu`, Hopper): parity with the float64 reference (mixed batches, junk entries and block
-table rows, NaN in every unattended slot, empty rows, padding, NaN query rows, both layouts,
-several chunks, FP8 caches with and without scalar scales, the variant knobs) and, at 16k
-tokens, "auto" (bf16 and FP8; FP8 per-slot scales routed to the token kernels) against the
-float32 device reference.
+GPU (`gpu`, Hopper): parity with the float32 device reference (tests/device_reference.py,
+checked against the float64 one on CPU): mixed batches, junk entries and block table rows, NaN
+in every unattended slot, empty rows, padding, NaN query rows, both layouts, several chunks,
+FP8 caches with and without scalar scales, the variant knobs; and, at 16k tokens, "auto"
+(bf16 and FP8; FP8 per-slot scales routed to the token kernels). The batch cases share one
+shape, so cases of one spec share compiles.
 """
 import dataclasses
 
@@ -28,7 +29,7 @@ from jax_sparse import dispatch, mosaic, mosaic_union  # noqa: E402
 
 from .test_jax_mosaic import ON_HOPPER, _kernel_args, needs_hopper, needs_plgpu  # noqa: E402
 from .test_jax_token import (_check, _device_reference, _garbage_topk, _problem,  # noqa: E402
-                              _reference, _run)
+                              _run)
 
 
 # --- host-side logic (CPU) ---------------------------------------------------------------------
@@ -313,18 +314,24 @@ def test_hopper_auto_lowers_for_cuda(monkeypatch, cache, scale_mode):
 
 # --- GPU: compiled Mosaic GPU kernels ---------------------------------------------------------
 
-UNION_HEADS = [(64, 4), (16, 1), (8, 2), (48, 2)]
+# The GPU batch cases' shared batch: decodes and prefill chunks (tiles straddling requests),
+# padding rows.
+UNION_BATCH = dict(query_lens=[1] * 3 + [150, 61, 9], seq_lens=[9000, 129, 2000, 4400, 300, 9],
+                   num_tokens=240)
+# GQA groups 16 (M3's two head shapes), 4 and 24: their tile geometries; M3's 64/4 in both
+# layouts (with one KV head, NHD and HND are the same memory).
+UNION_ROWS = [((64, 4), "NHD"), ((64, 4), "HND"), ((16, 1), "NHD"), ((8, 2), "HND"),
+              ((48, 2), "NHD")]
 
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("heads", UNION_HEADS, ids=lambda h: f"{h[0]}-{h[1]}")
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("heads, layout", UNION_ROWS,
+                         ids=[f"{h[0]}-{h[1]}-{layout}" for h, layout in UNION_ROWS])
 def test_gpu_union_mixed_batch_poisoned(rng, heads, layout):
     """Decodes and prefill chunks (tiles straddling requests), junk top-k entries and block
     table rows, empty rows, padding rows; every slot no token may attend holds NaN."""
-    problem = _problem(rng, "auto", layout, heads, topk=16, query_lens=[1] * 3 + [150, 61, 9],
-                       seq_lens=[9000, 129, 2000, 4400, 300, 9], num_tokens=240, scatter=True,
+    problem = _problem(rng, "auto", layout, heads, topk=16, **UNION_BATCH, scatter=True,
                        future_fraction=0.2, empty_fraction=0.05, rho=0.87)
     problem.topk_indices = _garbage_topk(problem, rng)
     poisoned = dataclasses.replace(problem)
@@ -332,7 +339,7 @@ def test_gpu_union_mixed_batch_poisoned(rng, heads, layout):
     table = problem.metadata.block_table.copy()
     table[0, 0], table[3, 1], table[2, 4] = problem.kv_cache.shape[0] + 5, -3, 2**31 - 1
     problem.metadata = problem.metadata.replace(block_table=table)
-    ref = _reference(problem)
+    ref = _device_reference(problem)
     problem.kv_cache = poisoned.kv_cache
     _check(_run(problem, "mosaic", prefill_algorithm="union"), ref,
            f"mosaic union {heads} {layout}")
@@ -340,19 +347,16 @@ def test_gpu_union_mixed_batch_poisoned(rng, heads, layout):
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("cache, scale_mode, query_dtype", [
-    ("fp8_e4m3", "scalar", "bfloat16"), ("fp8_e4m3", "none", "float16"),
-    ("fp8_e5m2", "scalar", "float16"), ("fp8_e5m2", "none", "bfloat16")])
-@pytest.mark.parametrize("layout", ["NHD", "HND"])
+@pytest.mark.parametrize("cache, scale_mode, query_dtype, layout", [
+    ("fp8_e4m3", "scalar", "bfloat16", "NHD"), ("fp8_e4m3", "none", "float16", "HND"),
+    ("fp8_e5m2", "scalar", "float16", "HND"), ("fp8_e5m2", "none", "bfloat16", "NHD")])
 def test_gpu_union_fp8_poisoned(rng, cache, scale_mode, query_dtype, layout):
     """FP8 pages dequantized by the producer: the mixed batch of
     test_gpu_union_mixed_batch_poisoned (junk top-k and block tables, NaN in every slot no
     token may attend: FP8 NaN too) at 64/4 and 16/1, scalar scales folded in."""
     for heads in [(64, 4), (16, 1)]:
-        problem = _problem(rng, cache, layout, heads, topk=16,
-                           query_lens=[1] * 3 + [150, 61, 9], seq_lens=[9000, 129, 2000, 4400,
-                                                                        300, 9],
-                           num_tokens=240, scatter=True, future_fraction=0.2,
+        problem = _problem(rng, cache, layout, heads, topk=16, **UNION_BATCH, scatter=True,
+                           future_fraction=0.2,
                            empty_fraction=0.05, rho=0.87, scale_mode=scale_mode,
                            query_dtype=query_dtype)
         problem.topk_indices = _garbage_topk(problem, rng)
@@ -361,7 +365,7 @@ def test_gpu_union_fp8_poisoned(rng, cache, scale_mode, query_dtype, layout):
         table = problem.metadata.block_table.copy()
         table[0, 0], table[3, 1] = problem.kv_cache.shape[0] + 5, -3
         problem.metadata = problem.metadata.replace(block_table=table)
-        ref = _reference(problem)
+        ref = _device_reference(problem)
         problem.kv_cache = poisoned.kv_cache
         label = f"mosaic union {cache} {scale_mode} {query_dtype} {layout} {heads}"
         _check(_run(problem, "mosaic", prefill_algorithm="union"), ref, label)
@@ -394,18 +398,22 @@ def test_gpu_fp8_per_slot_routes_to_token_kernel(rng):
 @pytest.mark.parametrize("cache", ["float16", "auto"])
 def test_gpu_union_nan_query_rows_and_empty_rows(rng, cache):
     """A NaN / Inf query row that attends a key gives NaN; one that attends nothing gives
-    zeros; no other row changes (contract, 5)."""
-    problem = _problem(rng, cache, "HND", (64, 4), topk=16, query_lens=[100, 60],
-                       seq_lens=[3000, 60], scatter=True, empty_fraction=0.2, rho=0.87)
+    zeros; no other row changes (contract, 5). The expected rows: the device reference of the
+    clean query, with the non-finite rows that attend a key (a nonzero clean row) NaN."""
+    problem = _problem(rng, cache, "HND", (64, 4), topk=16, **UNION_BATCH, scatter=True,
+                       empty_fraction=0.2, rho=0.87)
+    ref = _device_reference(problem).astype(np.float64)
     q = problem.query.astype(np.float32)
-    q[5, 3, 7] = np.nan
-    q[70, 20, 0] = np.inf
-    q[130, 60, 100] = np.nan
+    nonfinite = np.zeros(q.shape[:2], bool)
+    for (t, h, d), value in [((5, 3, 7), np.nan), ((70, 20, 0), np.inf),
+                             ((130, 60, 100), np.nan), ((231, 9, 3), np.nan)]:
+        q[t, h, d], nonfinite[t, h] = value, True
     problem.query = q.astype(problem.query.dtype)
-    ref = _reference(problem)
+    ref[nonfinite & ref.any(-1)] = np.nan
     out = np.asarray(_run(problem, "mosaic", prefill_algorithm="union"), np.float64)
     bad = np.isnan(ref)
     assert bad.any(), "weak problem: no NaN row attends a key"
+    assert not ref[231, 9].any(), "weak problem: the padding row's NaN attends a key"
     assert (np.isnan(out) == bad).all(), "NaN rows differ from the reference's"
     _check(np.where(bad, 0, out), np.where(bad, 0, ref), f"mosaic union {cache} NaN rows")
 
@@ -432,7 +440,7 @@ def test_gpu_union_pipeline_and_chunks(rng, stages, pingpong, chunk, programs, f
         spec, *args[:6], token_mask=mask, max_union=20, out=sentinel, num_stages=stages,
         pingpong=pingpong, programs=programs, softmax_fence=fence, chunk_tokens=chunk)
     out, left = np.asarray(out, np.float64), np.asarray(left)
-    ref = _reference(problem)
+    ref = _device_reference(problem)
     done = np.asarray(mask) & ~left
     assert left.any() and done.any(), "weak problem: no tile on each side of the cap"
     assert (out[~done] == 7.0).all(), "rows outside the kernel's tiles were written"
@@ -443,11 +451,12 @@ def test_gpu_union_pipeline_and_chunks(rng, stages, pingpong, chunk, programs, f
 
 @pytest.mark.gpu
 @needs_hopper
-@pytest.mark.parametrize("layout, cache", [("NHD", "auto"), ("HND", "auto"),
-                                           ("HND", "fp8_e4m3")])
-def test_gpu_auto_16k_against_device_reference(rng, layout, cache):
+@pytest.mark.parametrize("cache", ["auto", "fp8_e4m3"])
+def test_gpu_auto_16k_against_device_reference(rng, cache):
     """"auto" at UNION_MIN_TOKENS tokens (decodes first): small-union tiles on the union
-    kernel, the rest and the decodes on the token kernel."""
+    kernel, the rest and the decodes on the token kernel. One layout: the batch cases above
+    cover both at 240 tokens, and each layout here is two more large compiles."""
+    layout = "HND"
     n = interop.tiling.UNION_MIN_TOKENS
     problem = _problem(rng, cache, layout, (64, 4), topk=16, query_lens=[1] * 4 + [n - 4],
                        seq_lens=[9000, 129, 2000, 300, n + 1000], rho=0.87,

@@ -9,6 +9,7 @@ from tests.helpers import DECODE_BATCHES, JAX_ROWS, MIXED_BATCHES, row_id
 from tests.helpers import check as _check
 from tests.helpers import garbage_block_table
 from tests.helpers import garbage_topk as _garbage_topk
+from tests.helpers import jax_device_reference as _device_reference
 from tests.helpers import jax_run as _run
 from tests.helpers import jax_scales as _scales
 from tests.helpers import problem as _problem
@@ -19,18 +20,10 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 import jax_sparse  # noqa: E402
-from tests.device_reference import jax_reference  # noqa: E402
 
 IMPLS = ["pallas", "xla"]
 ON_GPU = jax.default_backend() == "gpu"
 jax_on_gpu = pytest.mark.skipif(not ON_GPU, reason="needs JAX on a GPU")
-
-
-def _device_reference(problem):
-    """The GPU tests' float32 reference on the device (the float64 one takes seconds per
-    M3-shaped case on the host)."""
-    return jax_reference(problem.spec, problem.query, problem.kv_cache, problem.topk_indices,
-                         problem.metadata, problem.k_scale, problem.v_scale)
 
 
 # --- parity with the float64 reference -------------------------------------------------------
